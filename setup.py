@@ -1,0 +1,67 @@
+"""Build script for ompq: the Python package plus the `ompq._C` torch extension.
+
+Build with `pip install --no-build-isolation -e .` so the installed torch (2.13.0, CPU wheel) is
+used; an isolated build environment would fetch a different torch.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    use_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("OMPQ_NO_CUDA", "0") != "1"
+    )
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if os.environ.get("OMPQ_PORTABLE", "0") != "1":
+        cxx.append("-march=native")
+    extra = {"cxx": cxx}
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    if use_cuda:
+        sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_glue.cpp")
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        define_macros.append(("OMPQ_WITH_CUDA", "1"))
+        return CUDAExtension("ompq._C", sources, extra_compile_args=extra,
+                             define_macros=define_macros, py_limited_api=True,
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("ompq._C", sources, extra_compile_args=extra,
+                        define_macros=define_macros, py_limited_api=True,
+                        extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="ompq",
+    version="0.1.0",
+    description="Fast, model-agnostic mixed-precision quantization (OMPQ: orthogonality + ILP)",
+    packages=find_packages(include=["ompq", "ompq.*"]),
+    package_data={"ompq.zoo": ["checkpoints/*.pt", "checkpoints/*.json"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "ortools>=9.8",
+        "tqdm",
+        "matplotlib",
+        "scipy",
+    ],
+    extras_require={
+        "export": ["onnx", "onnxruntime"],
+        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
+    },
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    entry_points={"console_scripts": ["ompq=ompq.cli:main"]},
+)
