@@ -1,0 +1,359 @@
+"""Report folders: `report.json`, matplotlib figures and a Markdown summary.
+
+A report folder holds
+
+- ``report.json`` — ``{"format": "ompq.Report", "version": 1, "profile": {...},
+  "bit_config": {...}, "results": [...]}``. ``profile`` and ``bit_config`` are the JSON objects
+  written by `Profile.to_json` / `BitConfig.to_json` (either may be ``null``); ``results`` is a
+  list of records, one per evaluated model, with at least ``method`` (e.g. ``"fp32"``,
+  ``"uniform"``, ``"ompq"``), ``size_mb`` (MiB of quantized weights), ``bops_g`` (GBOPs per
+  sample) and ``top1`` (%); optional ``seconds`` (dict stage -> seconds), ``w_bits``, ``a_bits``.
+- ``orm_heatmap.png`` — the L×L orthogonality matrix with layer names.
+- ``bits_importance.png`` — per-layer weight bits (bars, left axis) beside the importance θ
+  (bars, right axis).
+- ``pareto.png`` — top-1 (%) against size (MiB) for every method that has results, with the
+  non-dominated (Pareto) points of each method joined.
+- ``report.md`` — the tables and links to the figures (written by `render_report`).
+
+Figures are drawn with the Agg backend at a fixed size (`FIGURE_PIXELS`) so that tests and
+documents can rely on their pixel dimensions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed, deterministic output
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPORT_FORMAT = "ompq.Report"
+REPORT_VERSION = 1
+DPI = 100
+#: (width, height) in pixels of every figure written by this module.
+FIGURE_PIXELS: dict[str, tuple[int, int]] = {
+    "orm_heatmap.png": (900, 800),
+    "bits_importance.png": (1000, 500),
+    "pareto.png": (800, 550),
+}
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------- JSON helpers
+def _as_json_obj(obj: Any) -> Optional[dict]:
+    """Turn a Profile/BitConfig (anything with `to_json`), a JSON string, a path or a dict into
+    a plain dict; None stays None."""
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if hasattr(obj, "to_json"):
+        return json.loads(obj.to_json())
+    if isinstance(obj, (str, os.PathLike)):
+        text = str(obj)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return json.loads(text)
+    raise TypeError(f"cannot turn a {type(obj).__name__} into a JSON object; expected a "
+                    "Profile/BitConfig, a dict, a JSON string or a path to a .json file")
+
+
+def _clean(value: Any) -> Any:
+    """Make numpy/torch scalars and tuples JSON-serialisable (NaN -> None)."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _clean(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def load_report(report_json: PathLike) -> dict:
+    """Read a ``report.json`` and check its format and version.
+
+    Raises ValueError naming the file when the format is not ``ompq.Report`` or the version is
+    newer than this ompq understands.
+    """
+    path = Path(report_json)
+    if path.is_dir():
+        path = path / "report.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"report file {str(path)!r} does not exist; pass a report.json written "
+                         "by `ompq demo`/`ompq quantize --out DIR` or the folder holding it") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"report file {str(path)!r} is not valid JSON ({err})") from None
+    if data.get("format") != REPORT_FORMAT:
+        raise ValueError(f"{str(path)!r} has format {data.get('format')!r}; expected "
+                         f"{REPORT_FORMAT!r}")
+    if int(data.get("version", 0)) > REPORT_VERSION:
+        raise ValueError(f"{str(path)!r} has version {data['version']}; this ompq reads "
+                         f"version <= {REPORT_VERSION}; upgrade ompq")
+    return data
+
+
+# --------------------------------------------------------------------------- data extraction
+def _layer_names(profile: Optional[dict], bit_config: Optional[dict]) -> list[str]:
+    if profile:
+        if profile.get("names"):
+            return list(profile["names"])
+        layers = profile.get("layers") or []
+        names = [l["name"] if isinstance(l, Mapping) else str(l) for l in layers]
+        if names:
+            return names
+    if bit_config:
+        return list((bit_config.get("weight_bits") or {}).keys())
+    return []
+
+
+def _layer_params(profile: Optional[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for layer in (profile or {}).get("layers") or []:
+        if isinstance(layer, Mapping) and "name" in layer and "params" in layer:
+            out[layer["name"]] = int(layer["params"])
+    return out
+
+
+def _orm(profile: Optional[dict]) -> Optional[np.ndarray]:
+    if not profile or profile.get("orm") is None:
+        return None
+    orm = np.asarray(profile["orm"], dtype=np.float64)
+    if orm.ndim != 2 or orm.shape[0] != orm.shape[1]:
+        raise ValueError(f"profile ORM must be a square L×L matrix, got shape {orm.shape}")
+    return orm
+
+
+def _new_figure(name: str):
+    w, h = FIGURE_PIXELS[name]
+    return plt.figure(figsize=(w / DPI, h / DPI), dpi=DPI)
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    path = folder / name
+    fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches: the pixel size stays fixed
+    plt.close(fig)
+    return path
+
+
+def _tick_fontsize(n: int) -> float:
+    return max(4.0, min(9.0, 220.0 / max(n, 1)))
+
+
+# --------------------------------------------------------------------------- figures
+def plot_orm_heatmap(orm: np.ndarray, names: Sequence[str], folder: PathLike) -> Path:
+    """Write ``orm_heatmap.png``: the ORM matrix (values in [0, 1]) with layer names on both
+    axes, in layer (execution) order."""
+    fig = _new_figure("orm_heatmap.png")
+    ax = fig.add_axes([0.25, 0.25, 0.6, 0.68])
+    im = ax.imshow(orm, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    n = orm.shape[0]
+    fs = _tick_fontsize(n)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(names, rotation=90, fontsize=fs)
+    ax.set_yticklabels(names, fontsize=fs)
+    ax.set_title("Orthogonality metric (ORM, linear CKA) between layers")
+    cax = fig.add_axes([0.87, 0.25, 0.025, 0.68])
+    fig.colorbar(im, cax=cax, label="ORM")
+    return _save(fig, Path(folder), "orm_heatmap.png")
+
+
+def plot_bits_importance(names: Sequence[str], bits: Sequence[int],
+                         importance: Optional[Sequence[float]], folder: PathLike) -> Path:
+    """Write ``bits_importance.png``: weight bits per layer (left axis) beside the importance
+    (right axis); importance bars are omitted when the BitConfig has none."""
+    fig = _new_figure("bits_importance.png")
+    ax = fig.add_axes([0.07, 0.35, 0.85, 0.57])
+    x = np.arange(len(names))
+    width = 0.4 if importance is not None else 0.8
+    ax.bar(x - (width / 2 if importance is not None else 0), bits, width, color="tab:blue",
+           label="weight bits")
+    ax.set_ylabel("weight bits", color="tab:blue")
+    ax.set_ylim(0, max(list(bits) + [8]) + 1)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=90, fontsize=_tick_fontsize(len(names)))
+    ax.set_xlim(-0.7, len(names) - 0.3)
+    if importance is not None:
+        ax2 = ax.twinx()
+        ax2.bar(x + width / 2, importance, width, color="tab:orange", label="importance θ")
+        ax2.set_ylabel("importance θ (normalised)", color="tab:orange")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title("Per-layer weight bits and importance")
+    return _save(fig, Path(folder), "bits_importance.png")
+
+
+def pareto_points(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-dominated (size MiB, top-1 %) points: smaller size and higher accuracy are better;
+    returned sorted by size."""
+    best: list[tuple[float, float]] = []
+    for size, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not best or acc > best[-1][1]:
+            best.append((size, acc))
+    return best
+
+
+def plot_pareto(results: Sequence[Mapping[str, Any]], folder: PathLike) -> Path:
+    """Write ``pareto.png``: top-1 (%) against size (MiB) for each method in `results` (every
+    record is a dot; each method's Pareto points are joined); FP32 is a dashed line."""
+    fig = _new_figure("pareto.png")
+    ax = fig.add_axes([0.11, 0.12, 0.85, 0.8])
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        if r.get("size_mb") is None or r.get("top1") is None:
+            continue
+        by_method.setdefault(str(r.get("method", "?")), []).append(
+            (float(r["size_mb"]), float(r["top1"])))
+    styles = {"ompq": ("tab:red", "o"), "uniform": ("tab:blue", "s"), "fp32": ("black", "*")}
+    for method, pts in sorted(by_method.items()):
+        color, marker = styles.get(method, (None, "^"))
+        if method == "fp32":
+            ax.axhline(max(p[1] for p in pts), color="gray", ls="--", lw=1,
+                       label=f"FP32 ({max(p[1] for p in pts):.2f} %)")
+            continue
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, color=color, marker=marker, alpha=0.6)
+        front = pareto_points(pts)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color=color, marker=marker,
+                label=method)
+    ax.set_xlabel("size of quantized weights (MiB)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Accuracy against size")
+    ax.grid(alpha=0.3)
+    if by_method:
+        ax.legend(loc="lower right")
+    return _save(fig, Path(folder), "pareto.png")
+
+
+# --------------------------------------------------------------------------- markdown
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def results_table_rows(results: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings) of the results table: method, size MiB, GBOPs, top-1 % and the
+    seconds of every stage that any record has."""
+    stages: list[str] = []
+    for r in results:
+        for k in (r.get("seconds") or {}):
+            if k not in stages:
+                stages.append(k)
+    header = ["method", "size MiB", "GBOPs", "top-1 %"] + [f"{s} s" for s in stages]
+    rows = []
+    for r in results:
+        secs = r.get("seconds") or {}
+        rows.append([str(r.get("method", "?")), _fmt(r.get("size_mb"), 4), _fmt(r.get("bops_g"), 3),
+                     _fmt(r.get("top1"), 2)] + [_fmt(secs.get(s), 1) for s in stages])
+    return header, rows
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _markdown(data: dict, pngs: Sequence[Path]) -> str:
+    profile, cfg, results = data.get("profile"), data.get("bit_config"), data.get("results") or []
+    parts = ["# ompq report", ""]
+    model = (profile or {}).get("model")
+    if model:
+        parts += [f"Model: `{model}`", ""]
+    if results:
+        parts += ["## Results", "", _md_table(*results_table_rows(results)), ""]
+    if cfg:
+        budget = cfg.get("budget") or {}
+        parts += ["## Bit allocation", "",
+                  f"Proxy `{cfg.get('proxy')}`, method `{cfg.get('method')}`, status "
+                  f"`{cfg.get('status')}`; size {_fmt(cfg.get('size_mb'), 4)} MiB, "
+                  f"{_fmt(cfg.get('bops_g'), 3)} GBOPs (budget: size "
+                  f"{_fmt(budget.get('size_mb'), 4)} MiB, BOPs {_fmt(budget.get('bops_g'), 3)} G); "
+                  f"search {_fmt(cfg.get('search_seconds'), 3)} s.", ""]
+        params = _layer_params(profile)
+        names = _layer_names(profile, cfg)
+        wb, ab, imp = cfg.get("weight_bits") or {}, cfg.get("act_bits") or {}, cfg.get("importance") or {}
+        rows = [[n, str(params.get(n, "–")), str(wb.get(n, "–")), str(ab.get(n, "–")),
+                 _fmt(imp.get(n), 4)] for n in names]
+        parts += [_md_table(["layer", "params", "w bits", "a bits", "importance"], rows), ""]
+    if pngs:
+        parts += ["## Figures", ""]
+        parts += [f"![{p.stem}]({p.name})" for p in pngs]
+        parts.append("")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- public API
+def _figures(data: dict, folder: Path) -> list[Path]:
+    profile, cfg, results = data.get("profile"), data.get("bit_config"), data.get("results") or []
+    names = _layer_names(profile, cfg)
+    pngs: list[Path] = []
+    orm = _orm(profile)
+    if orm is not None:
+        if len(names) != orm.shape[0]:
+            names = [str(i) for i in range(orm.shape[0])]
+        pngs.append(plot_orm_heatmap(orm, names, folder))
+    if cfg and cfg.get("weight_bits"):
+        wb = cfg["weight_bits"]
+        order = [n for n in names if n in wb] + [n for n in wb if n not in names]
+        imp = cfg.get("importance") or {}
+        importance = [float(imp.get(n, 0.0)) for n in order] if imp else None
+        pngs.append(plot_bits_importance(order, [int(wb[n]) for n in order], importance, folder))
+    if results:
+        pngs.append(plot_pareto(results, folder))
+    return pngs
+
+
+def write_report(folder: PathLike, *, profile: Any = None, bit_config: Any = None,
+                 results: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
+    """Write a report folder: ``report.json``, the PNG figures and ``report.md``.
+
+    `profile` / `bit_config`: a Profile / BitConfig (or their JSON dicts, strings or paths), or
+    None. `results`: records with ``method``, ``size_mb`` (MiB), ``bops_g`` (GBOPs), ``top1`` (%)
+    and optional ``seconds`` (dict stage -> s). Returns ``{"report.json": path, "<fig>.png": path,
+    ..., "report.md": path}``.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(results):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"results[{i}] is a {type(r).__name__}; expected a dict with "
+                            "method, size_mb, bops_g and top1")
+    data = {"format": REPORT_FORMAT, "version": REPORT_VERSION,
+            "profile": _clean(_as_json_obj(profile)), "bit_config": _clean(_as_json_obj(bit_config)),
+            "results": _clean([dict(r) for r in results])}
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(data, indent=1))
+    pngs, md = render_report(json_path)
+    paths = {"report.json": json_path}
+    paths.update({p.name: p for p in pngs})
+    paths["report.md"] = md
+    return paths
+
+
+def render_report(report_json: PathLike, out_dir: Optional[PathLike] = None
+                  ) -> tuple[list[Path], Path]:
+    """Draw the figures and the Markdown summary of a ``report.json`` (or the folder holding
+    it) into `out_dir` (default: the report's folder). Returns (png paths, markdown path)."""
+    path = Path(report_json)
+    if path.is_dir():
+        path = path / "report.json"
+    data = load_report(path)
+    folder = Path(out_dir) if out_dir is not None else path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = _figures(data, folder)
+    md = folder / "report.md"
+    md.write_text(_markdown(data, pngs))
+    return pngs, md
