@@ -1,0 +1,114 @@
+"""`ompq demo`: the main job on the embedded default model, offline, in a few minutes on a CPU.
+
+profile (ORM on 64 training images) → allocate weight bits for an average of ``--avg-bits``
+(size budget ``avg_bits × total weights / 8 / 2**20`` MiB, activations 8 bits) → PTQ
+(AdaRound block reconstruction + LSQ activation steps) → top-1 on the Fashion-MNIST test split.
+The same PTQ runs for the best uniform width that fits the same size, and the FP32 model is
+evaluated too. Prints one table (FP32, uniform, ompq; size MiB, GBOPs, top-1 %, seconds per
+stage) and writes a report folder (report.json, figures, report.md, bit configs, the bit-packed
+checkpoint and the ONNX QDQ model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .quantize import (MIB, CLIError, add_common_args, emit_json, guard, model_label,
+                       parse_bits, resolve_model, results_table, run_flow, write_outputs)
+
+#: Default reconstruction effort, sized so the demo (two PTQ runs) ends in < 5 min on 2 cores.
+DEFAULT_ITERS = 200
+DEFAULT_ACT_ITERS = 50
+DEFAULT_CALIB = 512
+#: --fast: fewer iterations, a calibration/eval subset — still the real pipeline (for CI).
+FAST = {"iters": 20, "act_iters": 5, "calib_samples": 128, "profile_samples": 32,
+        "eval_limit": 1000, "onnx_check_limit": 256}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo", help="profile → allocate (~3 bits) → PTQ → evaluate on the default model",
+        description="The main job, offline: OMPQ mixed precision against uniform precision at "
+                    "the same size and FP32, on the embedded Fashion-MNIST model. Prints one "
+                    "table and writes a report folder.")
+    p.add_argument("--model", default="resnet20", help="zoo model (resnet20)")
+    p.add_argument("--data", default="fashion-mnist", help="dataset spec (fashion-mnist)")
+    p.add_argument("--avg-bits", type=float, default=3.0,
+                   help="average weight bits defining the size budget (3)")
+    p.add_argument("--bits", default="2,3,4,5,6,8", help="candidate weight widths")
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"AdaRound iterations per block ({DEFAULT_ITERS}; --fast {FAST['iters']})")
+    p.add_argument("--act-iters", type=int, default=None,
+                   help=f"LSQ iterations per block ({DEFAULT_ACT_ITERS})")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help=f"PTQ calibration samples ({DEFAULT_CALIB})")
+    p.add_argument("--out", default="reports/demo", help="report folder (reports/demo)")
+    p.add_argument("--fast", action="store_true",
+                   help="CI size: few iterations, 1 000 test images (still the real pipeline)")
+    add_common_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    return guard("demo", lambda: _run(args))
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    s = {"iters": DEFAULT_ITERS, "act_iters": DEFAULT_ACT_ITERS, "calib_samples": DEFAULT_CALIB,
+         "profile_samples": 64, "eval_limit": None, "onnx_check_limit": 1000}
+    if args.fast:
+        s.update(FAST)
+    for key in ("iters", "act_iters", "calib_samples"):
+        if getattr(args, key) is not None:
+            if getattr(args, key) < 0:
+                raise CLIError(f"--{key.replace('_', '-')} must be >= 0")
+            s[key] = getattr(args, key)
+    return s
+
+
+def _run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    if not 1.0 <= args.avg_bits <= 16.0:
+        raise CLIError(f"--avg-bits {args.avg_bits}: expected a value in [1, 16], e.g. 3")
+    s = _settings(args)
+    progress = not args.no_progress
+    model = resolve_model(args.model)
+    from ..layers import find_layers
+
+    params = sum(m.weight.numel() for _, m in find_layers(model))
+    size_mb = args.avg_bits * params / (8 * MIB)
+    flow = run_flow(model=model, model_name=model_label(args.model), data=args.data,
+                    size_mb=size_mb, bops_g=None, mode="ptq", act_bits=8,
+                    bits=parse_bits(args.bits), iters=s["iters"], act_iters=s["act_iters"],
+                    calib_samples=s["calib_samples"], profile_samples=s["profile_samples"],
+                    epochs=0, seed=args.seed, progress=progress, uniform=True,
+                    eval_limit=s["eval_limit"])
+    out = Path(args.out)
+    facts = write_outputs(out, flow, onnx=True, onnx_check_limit=s["onnx_check_limit"],
+                          progress=progress)
+    total = time.perf_counter() - t0
+    print(f"ompq demo: {model_label(args.model)} on {args.data}, budget {size_mb:.4f} MiB "
+          f"(≈{args.avg_bits:g} bits/weight, {params} weights), activations 8 bits, PTQ "
+          f"{s['iters']} AdaRound + {s['act_iters']} LSQ iterations/block, "
+          f"{'first ' + str(s['eval_limit']) if s['eval_limit'] else 'all'} test images")
+    print(results_table(flow["results"]))
+    pk = facts["packed"]
+    line = (f"packed checkpoint {out / 'model.ompq'}: {pk['file_bytes']} bytes "
+            f"(weights {pk['weight_bytes']} B vs BitConfig {pk['bitconfig_bytes']:.0f} B + "
+            f"overhead {pk['overhead_bytes']} B)")
+    print(line)
+    if "onnx_check" in facts:
+        oc = facts["onnx_check"]
+        print(f"ONNX QDQ {out / 'model.onnx'}: onnxruntime vs PyTorch max |diff| "
+              f"{oc['max_abs_diff']:.2e}, top-1 agreement {oc['top1_agreement']:.2f} % "
+              f"on {oc['n']} images")
+    print(f"report: {out / 'report.md'}   total {total:.1f} s")
+    emit_json(args.json, {"command": "demo", "model": args.model, "settings": s,
+                          "size_budget_mb": size_mb, "results": flow["results"],
+                          "bit_config": json.loads(flow["bit_config"].to_json()),
+                          "outputs": facts, "total_seconds": total})
+    return 0

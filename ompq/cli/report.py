@@ -1,0 +1,39 @@
+"""`ompq report`: turn a report.json into its figures and a Markdown summary."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .quantize import add_common_args, emit_json, guard, results_table
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "report", help="draw the figures and Markdown summary of a report.json",
+        description="Render a report.json (written by `ompq demo` / `ompq quantize --out`) "
+                    "into PNG figures (ORM heat map, bits vs importance, accuracy-vs-size "
+                    "Pareto curve) and report.md.")
+    p.add_argument("report", help="report.json or the folder holding it")
+    p.add_argument("--out", default=None, help="output folder (default: the report's folder)")
+    add_common_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    return guard("report", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..report import load_report, render_report
+
+    data = load_report(args.report)
+    pngs, md = render_report(args.report, args.out)
+    if data.get("results"):
+        print(results_table(data["results"]))
+    for p in pngs:
+        print(f"figure: {p}")
+    print(f"summary: {md}")
+    emit_json(args.json, {"command": "report", "figures": [str(p) for p in pngs],
+                          "markdown": str(md), "results": data.get("results") or []})
+    return 0
