@@ -1,0 +1,619 @@
+"""Bit allocation: the exact integer optimum of OMPQ's objective under size/BOPs budgets.
+
+Importance (proxy "orm", SPEC.md §4, normalised so that β is scale-free)::
+
+    γ_i = mean_{j≠i} ORM(i, j)                 (overlap of layer i with the others)
+    γ̂_i = (γ_i − min γ) / (max γ − min γ)      (in [0, 1]; all 0 when every γ is equal)
+    θ_i = exp(−β · γ̂_i)                         (in [e^{−β}, 1]; more orthogonal ⇒ larger)
+    w_i = mean(θ_i, …, θ_L),  importance = w / mean(w)   (layer order = execution order)
+
+The paper sums ORM over j (γ grows with L) and uses raw θ, so β had to be re-tuned per network
+(3.3 … 100 … 1e-9) and large β·γ made every θ ≈ 0. After min-max normalisation the most
+orthogonal layer has θ = 1 and the most redundant θ = e^{−β} whatever the network: β is the log
+of that ratio. The default `DEFAULT_BETA = 3.0` (ratio ≈ 20) lets the ORM decide between layers of
+similar size while the parameter counts still matter. β = 0 gives every layer importance 1
+(maximise the plain sum of bits).
+
+Allocation: maximise Σ_i values_i[b_i] (for "orm" and custom importances values_i[b] =
+b · importance_i; other proxies come from `ompq.proxies.proxy_values`) over one candidate bit-width
+per layer, subject to (in integers, so a budget is never exceeded)::
+
+    Σ_i b_i · params_i ≤ floor(size_mb · 8 · 2^20)          (bits)
+    Σ_i b_i · a_i · MACs_i ≤ floor(bops_g · 1e9)            (BOPs per sample)
+
+solved exactly by OR-Tools CP-SAT (boolean x[i, b], exactly one per layer; one worker and a fixed
+seed, so results are deterministic). `method="lp-round"` solves the paper's continuous
+relaxation (an LP over continuous bits in [min, max] of each candidate set) with HiGHS and rounds
+every layer down to a candidate, then greedily raises the layer with the best objective gain per
+unit of budget while the budgets hold, so it never exceeds them either.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .layers import match_names
+from .profile import Profile, load_json_payload, write_json
+
+FORMAT = "ompq.BitConfig"
+VERSION = 1
+DEFAULT_BETA = 3.0
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+METHODS = ("ilp", "lp-round")
+BITS_PER_MIB = 8 * 2 ** 20
+_OBJ_RESOLUTION = 2 ** 31  # integer objective units for the largest value range
+
+
+class InfeasibleBudgetError(ValueError):
+    """No assignment of candidate bits meets the budget(s); the message states the achievable range."""
+
+
+@dataclass
+class BitConfig:
+    """Per-layer weight/activation bits and what they achieve.
+
+    `size_mb`: MiB of quantized weights; `bops_g`: GBOPs per sample; `importance`: the per-layer
+    weights the objective used (objective = Σ bits × importance for proxies "orm"/"custom");
+    `budget`: {"size_mb": MiB or None, "bops_g": GBOPs or None}; `search_seconds`: solver time.
+    """
+
+    weight_bits: dict[str, int]
+    act_bits: dict[str, int]
+    importance: dict[str, float]
+    size_mb: float
+    bops_g: float
+    status: str
+    objective: float
+    method: str
+    proxy: str
+    budget: dict[str, Optional[float]] = field(default_factory=dict)
+    search_seconds: float = 0.0
+    version: int = VERSION
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in execution order."""
+        return list(self.weight_bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict with "format" and "version"."""
+        return {"format": FORMAT, "version": self.version, "method": self.method,
+                "proxy": self.proxy, "status": self.status, "objective": self.objective,
+                "size_mb": self.size_mb, "bops_g": self.bops_g, "budget": dict(self.budget),
+                "search_seconds": self.search_seconds, "weight_bits": dict(self.weight_bits),
+                "act_bits": dict(self.act_bits), "importance": dict(self.importance)}
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
+        """JSON text; also written to `path` when given."""
+        return write_json(json.dumps(self.to_dict(), indent=1), path)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BitConfig":
+        """Build from a dict checked by `from_json`."""
+        return cls(weight_bits={k: int(v) for k, v in d["weight_bits"].items()},
+                   act_bits={k: int(v) for k, v in d["act_bits"].items()},
+                   importance={k: float(v) for k, v in d.get("importance", {}).items()},
+                   size_mb=float(d["size_mb"]), bops_g=float(d["bops_g"]),
+                   status=str(d["status"]), objective=float(d["objective"]),
+                   method=str(d["method"]), proxy=str(d["proxy"]),
+                   budget={k: (None if v is None else float(v))
+                           for k, v in d.get("budget", {}).items()},
+                   search_seconds=float(d.get("search_seconds", 0.0)), version=VERSION)
+
+    @classmethod
+    def from_json(cls, src: Union[str, os.PathLike, dict]) -> "BitConfig":
+        """Load from JSON text, a file path or a dict; refuses other formats/newer versions."""
+        if not isinstance(src, dict):
+            text = str(src)
+            if not text.lstrip().startswith(("{", "[")) and os.path.exists(text):
+                with open(text, encoding="utf-8") as fh:
+                    text = fh.read()
+            if text.lstrip().startswith("["):
+                raise ValueError("this JSON holds a list of BitConfigs (a Pareto sweep); load it "
+                                 "with ompq.allocate.load_bit_configs")
+            src = text
+        try:
+            return cls.from_dict(load_json_payload(src, FORMAT, VERSION))
+        except KeyError as err:
+            raise ValueError(f"BitConfig JSON lacks the field {err.args[0]!r}") from None
+
+
+def save_bit_configs(configs: Sequence[BitConfig], path: Optional[Union[str, os.PathLike]] = None
+                     ) -> str:
+    """JSON text of a list of BitConfigs (a Pareto sweep); also written to `path` when given."""
+    return write_json(json.dumps([c.to_dict() for c in configs], indent=1), path)
+
+
+def load_bit_configs(src: Union[str, os.PathLike]) -> list[BitConfig]:
+    """Load one BitConfig or a list of them (JSON text or a file path) as a list."""
+    text = str(src)
+    if not text.lstrip().startswith(("{", "[")):
+        with open(text, encoding="utf-8") as fh:
+            text = fh.read()
+    data = json.loads(text)
+    items = data if isinstance(data, list) else [data]
+    return [BitConfig.from_dict(load_json_payload(x, FORMAT, VERSION)) for x in items]
+
+
+# ----------------------------------------------------------------------------- importance
+def orm_importance(orm: Any, beta: float = DEFAULT_BETA) -> np.ndarray:
+    """Per-layer importance (mean 1) from an L×L ORM; see the module docstring."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
+            or beta < 0:
+        raise ValueError(f"beta must be a finite number ≥ 0, got {beta!r}")
+    m = np.asarray(orm.cpu().numpy() if hasattr(orm, "cpu") else orm, dtype=np.float64)
+    num = m.shape[0]
+    if m.shape != (num, num) or num == 0:
+        raise ValueError(f"ORM must be a non-empty square matrix, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("ORM has non-finite entries")
+    gamma = (m.sum(axis=1) - np.diag(m)) / max(num - 1, 1)
+    span = gamma.max() - gamma.min()
+    ghat = (gamma - gamma.min()) / span if span > 1e-12 else np.zeros(num)
+    theta = np.exp(-float(beta) * ghat)
+    w = np.cumsum(theta[::-1])[::-1] / np.arange(num, 0, -1)
+    return w / w.mean()
+
+
+# ----------------------------------------------------------------------------- problem set-up
+def _check_bits(values: Any, what: str) -> tuple[int, ...]:
+    if isinstance(values, (int, np.integer)) and not isinstance(values, bool):
+        values = (values,)
+    try:
+        out = sorted(set(values))
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of ints, got {values!r}") from None
+    if not out:
+        raise ValueError(f"{what} is empty")
+    for b in out:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 32:
+            raise ValueError(f"{what}: bit-width {b!r} is not an integer in 1..32")
+    return tuple(int(b) for b in out)
+
+
+def _match(pattern: Any, names: Sequence[str], what: str) -> list[str]:
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} keys must be layer names or glob patterns, got {pattern!r}")
+    hit = match_names(pattern, names)
+    if not hit:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise ValueError(f"{what} pattern {pattern!r} matches no layer; layers: {shown}")
+    return hit
+
+
+def _per_layer(spec: Any, names: Sequence[str], default: Any, what: str, conv) -> dict[str, Any]:
+    """Expand a value or a dict pattern -> value (later patterns override earlier ones)."""
+    if not isinstance(spec, Mapping):
+        val = conv(spec, what)
+        return {n: val for n in names}
+    out = {n: default for n in names}
+    for pat, val in spec.items():
+        v = conv(val, f"{what}[{pat!r}]")
+        for n in _match(pat, names, what):
+            out[n] = v
+    missing = [n for n, v in out.items() if v is None]
+    if missing:
+        raise ValueError(f"{what}: no pattern matches layer(s) {missing[:8]}; add a '*' entry")
+    return out
+
+
+def _act_int(v: Any, what: str) -> int:
+    return _check_bits((v,), what)[0]
+
+
+def _candidates(names: Sequence[str], bits: Any, pin: Optional[Mapping[str, int]]
+                ) -> dict[str, tuple[int, ...]]:
+    cand = _per_layer(bits, names, None, "bits", _check_bits)
+    if pin:
+        if not isinstance(pin, Mapping):
+            raise TypeError(f"pin must be a dict pattern -> bits, got {type(pin).__name__}")
+        pinned: dict[str, int] = {}
+        for pat, b in pin.items():
+            b = _act_int(b, f"pin[{pat!r}]")
+            for n in _match(pat, names, "pin"):
+                if n in pinned and pinned[n] != b:
+                    raise ValueError(f"layer {n!r} is pinned to both {pinned[n]} and {b} bits")
+                if b not in cand[n]:
+                    raise ValueError(f"pin {pat!r}: {b} bits is not a candidate of layer {n!r} "
+                                     f"(candidates {list(cand[n])})")
+                pinned[n] = b
+        for n, b in pinned.items():
+            cand[n] = (b,)
+    return cand
+
+
+def _tie_groups(names: Sequence[str], tie: Any, cand: dict[str, tuple[int, ...]]
+                ) -> list[list[int]]:
+    """Union of tie groups as lists of layer indices; candidates restricted to the common set."""
+    if not tie:
+        return []
+    if isinstance(tie, (str, bytes)) or not isinstance(tie, Sequence):
+        raise TypeError("tie must be a list of groups, each a list of layer names/patterns")
+    index = {n: i for i, n in enumerate(names)}
+    parent = list(range(len(names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for group in tie:
+        if isinstance(group, str):
+            group = [group]
+        members = [index[n] for pat in group for n in _match(pat, names, "tie")]
+        for m in members[1:]:
+            parent[find(m)] = find(members[0])
+    groups: dict[int, list[int]] = {}
+    for i in range(len(names)):
+        groups.setdefault(find(i), []).append(i)
+    out = [g for g in groups.values() if len(g) > 1]
+    for g in out:
+        common = set(cand[names[g[0]]])
+        for i in g[1:]:
+            common &= set(cand[names[i]])
+        if not common:
+            raise ValueError(f"tied layers {[names[i] for i in g]} share no candidate bit-width "
+                             f"(candidates {[list(cand[names[i]]) for i in g]})")
+        for i in g:
+            cand[names[i]] = tuple(sorted(common))
+    return out
+
+
+def _budget_list(value: Any, what: str) -> Optional[list[Optional[float]]]:
+    if value is None:
+        return None
+    vals = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not vals:
+        raise ValueError(f"{what} is an empty list")
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{what} must be a positive number (or a list of them), got {v!r}")
+    return [float(v) for v in vals]
+
+
+def _budgets(size_mb: Any, bops_g: Any) -> tuple[list[tuple[Optional[float], Optional[float]]],
+                                                 bool]:
+    sizes, bops = _budget_list(size_mb, "size_mb"), _budget_list(bops_g, "bops_g")
+    if sizes is None and bops is None:
+        raise ValueError("give a budget: size_mb (MiB of weights) and/or bops_g (GBOPs)")
+    sweep = isinstance(size_mb, (list, tuple, np.ndarray)) or \
+        isinstance(bops_g, (list, tuple, np.ndarray))
+    if sizes is not None and bops is not None and len(sizes) != len(bops):
+        if len(sizes) == 1:
+            sizes = sizes * len(bops)
+        elif len(bops) == 1:
+            bops = bops * len(sizes)
+        else:
+            raise ValueError(f"size_mb has {len(sizes)} budgets and bops_g {len(bops)}; give "
+                             "lists of the same length or one scalar")
+    count = len(sizes or bops)
+    sizes = sizes or [None] * count
+    bops = bops or [None] * count
+    return list(zip(sizes, bops)), sweep
+
+
+@dataclass
+class _Problem:
+    names: list[str]
+    cand: dict[str, tuple[int, ...]]
+    groups: list[list[int]]
+    params: np.ndarray
+    macs: np.ndarray
+    act: np.ndarray
+    values: list[dict[int, float]]
+    weights: Optional[np.ndarray] = None  # w_i when values_i[b] = b · w_i for every layer
+
+    def size_bits(self, bits: Sequence[int]) -> int:
+        return int(sum(int(b) * int(p) for b, p in zip(bits, self.params)))
+
+    def bops(self, bits: Sequence[int]) -> int:
+        return int(sum(int(b) * int(a) * int(m) for b, a, m in zip(bits, self.act, self.macs)))
+
+    def objective(self, bits: Sequence[int]) -> float:
+        return float(sum(v[int(b)] for v, b in zip(self.values, bits)))
+
+    def extreme(self, pick) -> list[int]:
+        return [pick(self.cand[n]) for n in self.names]
+
+
+def _caps(problem: _Problem, size_mb: Optional[float], bops_g: Optional[float]
+          ) -> tuple[Optional[int], Optional[int]]:
+    """Integer caps (bits, BOPs) of the budgets, checked against the achievable range."""
+    cap_size = None if size_mb is None else math.floor(Fraction(size_mb) * BITS_PER_MIB)
+    cap_bops = None if bops_g is None else math.floor(Fraction(bops_g) * 10 ** 9)
+    lo, hi = problem.extreme(min), problem.extreme(max)
+    too_small = (cap_size is not None and problem.size_bits(lo) > cap_size) or \
+        (cap_bops is not None and problem.bops(lo) > cap_bops)
+    if too_small:
+        raise InfeasibleBudgetError(
+            f"no bit assignment meets the budget (size_mb={size_mb}, bops_g={bops_g}): under the "
+            f"candidates and pins the size ranges from {problem.size_bits(lo) / BITS_PER_MIB:.6g}"
+            f" to {problem.size_bits(hi) / BITS_PER_MIB:.6g} MiB and the BOPs from "
+            f"{problem.bops(lo) / 1e9:.6g} to {problem.bops(hi) / 1e9:.6g} G")
+    return cap_size, cap_bops
+
+
+# ----------------------------------------------------------------------------- ILP (CP-SAT)
+class _CpSat:
+    """One CP-SAT model reused for every budget of a sweep (only the caps change).
+
+    When every layer's values are `b · w_i` (proxies "orm" and custom importances) each layer is
+    one integer variable whose domain is its candidate set (about 10× faster to prove optimal);
+    otherwise one boolean per (layer, candidate) with exactly one true per layer.
+    """
+
+    def __init__(self, problem: _Problem, seed: int, time_limit_s: float) -> None:
+        from ortools.sat.python import cp_model
+
+        self.cp_model = cp_model
+        self.p = problem
+        self.model = cp_model.CpModel()
+        self.max_size = problem.size_bits(problem.extreme(max))
+        self.max_bops = problem.bops(problem.extreme(max))
+        if problem.weights is not None:
+            self._build_int()
+        else:
+            self._build_bool()
+        self.solver = cp_model.CpSolver()
+        self.solver.parameters.num_workers = 1
+        self.solver.parameters.random_seed = int(seed)
+        self.solver.parameters.max_time_in_seconds = float(time_limit_s)
+
+    def _budget_rows(self, terms: list[tuple[Any, int, int, int]]) -> None:
+        """terms: (variable, coefficient multiplier, params, act·MACs) per variable term."""
+        lin = self.cp_model.LinearExpr
+        xs = [t[0] for t in terms]
+        self.size_ct = self.model.add(
+            lin.weighted_sum(xs, [t[1] * t[2] for t in terms]) <= self.max_size)
+        self.bops_ct = self.model.add(
+            lin.weighted_sum(xs, [t[1] * t[3] for t in terms]) <= self.max_bops)
+
+    def _build_int(self) -> None:
+        p, cp, m = self.p, self.cp_model, self.model
+        self.b = [m.new_int_var_from_domain(cp.Domain.from_values(list(p.cand[n])), f"b[{i}]")
+                  for i, n in enumerate(p.names)]
+        for g in p.groups:
+            for i in g[1:]:
+                m.add(self.b[i] == self.b[g[0]])
+        self._budget_rows([(v, 1, int(p.params[i]), int(p.act[i]) * int(p.macs[i]))
+                           for i, v in enumerate(self.b)])
+        w = np.asarray(p.weights, dtype=np.float64)
+        top = float(np.abs(w).max()) * max(max(c) for c in p.cand.values())
+        scale = _OBJ_RESOLUTION / top if top > 0 else 0.0
+        m.maximize(cp.LinearExpr.weighted_sum(self.b, [int(round(x * scale)) for x in w]))
+
+    def _build_bool(self) -> None:
+        p, cp, m = self.p, self.cp_model, self.model
+        self.x: list[dict[int, Any]] = []
+        for i, n in enumerate(p.names):
+            xs = {b: m.new_bool_var(f"x[{i},{b}]") for b in p.cand[n]}
+            m.add_exactly_one(xs.values())
+            self.x.append(xs)
+        for g in p.groups:
+            for i in g[1:]:
+                for b in p.cand[p.names[g[0]]]:
+                    m.add(self.x[i][b] == self.x[g[0]][b])
+        self._budget_rows([(v, b, int(p.params[i]), int(p.act[i]) * int(p.macs[i]))
+                           for i, xs in enumerate(self.x) for b, v in xs.items()])
+        # per-layer shift to a minimum of 0 (exactly one candidate is chosen), global scale
+        span = max(max(v.values()) - min(v.values()) for v in p.values)
+        scale = _OBJ_RESOLUTION / span if span > 0 else 0.0
+        obj = [(x, int(round((p.values[i][b] - min(p.values[i].values())) * scale)))
+               for i, xs in enumerate(self.x) for b, x in xs.items()]
+        m.maximize(cp.LinearExpr.weighted_sum([o[0] for o in obj], [o[1] for o in obj]))
+
+    def _bits(self) -> list[int]:
+        if self.p.weights is not None:
+            return [int(self.solver.value(v)) for v in self.b]
+        return [next(b for b, v in xs.items() if self.solver.boolean_value(v)) for xs in self.x]
+
+    def solve(self, cap_size: Optional[int], cap_bops: Optional[int]) -> tuple[list[int], str]:
+        size_dom, bops_dom = self.size_ct.proto.linear.domain, self.bops_ct.proto.linear.domain
+        size_dom[len(size_dom) - 1] = self.max_size if cap_size is None else min(cap_size,
+                                                                                 self.max_size)
+        bops_dom[len(bops_dom) - 1] = self.max_bops if cap_bops is None else min(cap_bops,
+                                                                                 self.max_bops)
+        status = self.solver.solve(self.model)
+        name = self.solver.status_name(status)
+        if status not in (self.cp_model.OPTIMAL, self.cp_model.FEASIBLE):
+            raise RuntimeError(f"CP-SAT found no solution (status {name}); raise time_limit_s")
+        return self._bits(), name
+
+
+# ----------------------------------------------------------------------------- LP + rounding
+def _lp_round(problem: _Problem, cap_size: Optional[int], cap_bops: Optional[int]
+              ) -> tuple[list[int], str]:
+    """Paper-style continuous relaxation (HiGHS LP) rounded to candidates within the budgets."""
+    from scipy.optimize import linprog
+
+    names, num = problem.names, len(problem.names)
+    lo = np.array(problem.extreme(min), dtype=float)
+    hi = np.array(problem.extreme(max), dtype=float)
+    # linear objective slope per bit (exact for "orm"/custom; a least-squares slope otherwise)
+    slope = np.empty(num)
+    for i, v in enumerate(problem.values):
+        bs = np.array(sorted(v), dtype=float)
+        ys = np.array([v[int(b)] for b in bs])
+        slope[i] = np.polyfit(bs, ys, 1)[0] if len(bs) > 1 else 0.0
+    a_ub, b_ub = [], []
+    if cap_size is not None:
+        a_ub.append(problem.params.astype(float))
+        b_ub.append(float(cap_size))
+    if cap_bops is not None:
+        a_ub.append((problem.act * problem.macs).astype(float))
+        b_ub.append(float(cap_bops))
+    a_eq, b_eq = [], []
+    for g in problem.groups:
+        for i in g[1:]:
+            row = np.zeros(num)
+            row[g[0]], row[i] = 1.0, -1.0
+            a_eq.append(row)
+            b_eq.append(0.0)
+    res = linprog(-slope, A_ub=np.array(a_ub) if a_ub else None, b_ub=b_ub or None,
+                  A_eq=np.array(a_eq) if a_eq else None, b_eq=b_eq or None,
+                  bounds=list(zip(lo, hi)), method="highs")
+    cont = res.x if res.status == 0 else lo
+    bits = [max([b for b in problem.cand[n] if b <= c + 1e-9] or [min(problem.cand[n])])
+            for n, c in zip(names, cont)]
+    units = [g for g in problem.groups] + [[i] for i in range(num)
+                                           if not any(i in g for g in problem.groups)]
+    bits = _greedy_raise(problem, bits, units, cap_size, cap_bops)
+    return bits, "LP_ROUNDED" if res.status == 0 else "LP_FAILED_ROUNDED"
+
+
+def _greedy_raise(problem: _Problem, bits: list[int], units: list[list[int]],
+                  cap_size: Optional[int], cap_bops: Optional[int]) -> list[int]:
+    """Raise one unit (layer or tie group) to its next candidate by best gain per budget cost."""
+    size, bops = problem.size_bits(bits), problem.bops(bits)
+    while True:
+        best, best_ratio = None, 0.0
+        for u in units:
+            cands = problem.cand[problem.names[u[0]]]
+            up = [b for b in cands if b > bits[u[0]]]
+            if not up:
+                continue
+            nb = up[0]
+            d_size = sum((nb - bits[i]) * int(problem.params[i]) for i in u)
+            d_bops = sum((nb - bits[i]) * int(problem.act[i]) * int(problem.macs[i]) for i in u)
+            if (cap_size is not None and size + d_size > cap_size) or \
+                    (cap_bops is not None and bops + d_bops > cap_bops):
+                continue
+            gain = sum(problem.values[i][nb] - problem.values[i][bits[i]] for i in u)
+            cost = max(d_size / cap_size if cap_size else 0.0,
+                       d_bops / cap_bops if cap_bops else 0.0, 1e-300)
+            if gain > 0 and gain / cost > best_ratio:
+                best, best_ratio = (u, nb, d_size, d_bops), gain / cost
+        if best is None:
+            return bits
+        u, nb, d_size, d_bops = best
+        for i in u:
+            bits[i] = nb
+        size, bops = size + d_size, bops + d_bops
+
+
+# ----------------------------------------------------------------------------- values
+def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int, ...]],
+            model: Any, data: Any, seed: int) -> tuple[str, dict[str, float],
+                                                       list[dict[int, float]], float]:
+    """(proxy name, importance, values[i][b], proxy seconds)."""
+    names = profile.names
+    if isinstance(proxy, Mapping):
+        unknown = [k for k in proxy if k not in set(names)]
+        missing = [n for n in names if n not in proxy]
+        if unknown or missing:
+            raise ValueError(f"custom importance must name every layer exactly: unknown "
+                             f"{unknown[:8]}, missing {missing[:8]}")
+        imp = {}
+        for n in names:
+            v = proxy[n]
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(v):
+                raise ValueError(f"custom importance of layer {n!r} must be a finite number, "
+                                 f"got {v!r}")
+            imp[n] = float(v)
+        return "custom", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0
+    if proxy == "orm":
+        w = orm_importance(profile.orm, beta)
+        imp = {n: float(v) for n, v in zip(names, w)}
+        return "orm", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0
+    if not isinstance(proxy, str):
+        raise TypeError(f"proxy must be a name or a dict layer -> importance, got {proxy!r}")
+    from . import proxies  # lazy: optional heavier dependencies
+
+    res = proxies.proxy_values(proxy, profile, cand, model=model, data=data, seed=seed)
+    values = []
+    for n in names:
+        if n not in res.values:
+            raise ValueError(f"proxy {proxy!r} gave no values for layer {n!r}")
+        row = {int(b): float(res.values[n][b]) for b in cand[n]}
+        if not all(math.isfinite(v) for v in row.values()):
+            raise ValueError(f"proxy {proxy!r} gave non-finite values for layer {n!r}: {row}")
+        values.append(row)
+    imp = {n: float(res.importance.get(n, 0.0)) for n in names}
+    return proxy, imp, values, float(res.seconds)
+
+
+def _problem(profile: Profile, bits: Any, act_bits: Any, pin: Any, tie: Any
+             ) -> _Problem:
+    if not isinstance(profile, Profile):
+        raise TypeError(f"allocate needs a Profile (from ompq.profile), got "
+                        f"{type(profile).__name__}")
+    names = profile.names
+    cand = _candidates(names, bits, pin)
+    groups = _tie_groups(names, tie, cand)
+    act = _per_layer(act_bits, names, 8, "act_bits", _act_int)
+    return _Problem(names=names, cand=cand, groups=groups,
+                    params=np.array([layer.params for layer in profile.layers], dtype=np.int64),
+                    macs=np.array([layer.macs for layer in profile.layers], dtype=np.int64),
+                    act=np.array([act[n] for n in names], dtype=np.int64), values=[])
+
+
+def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
+             bits: Any = DEFAULT_BITS, act_bits: Any = 8, pin: Optional[Mapping[str, int]] = None,
+             tie: Optional[Sequence[Sequence[str]]] = None, beta: float = DEFAULT_BETA,
+             method: str = "ilp", proxy: Any = "orm", model: Any = None, data: Any = None,
+             seed: int = 0, time_limit_s: float = 30.0, progress: bool = False
+             ) -> Union[BitConfig, list[BitConfig]]:
+    """Give every layer of `profile` a weight bit-width under the budget(s).
+
+    `size_mb`: MiB of quantized weights; `bops_g`: GBOPs per sample (b_w·b_a·MACs / 1e9); either
+    or both, each a number or a list (a Pareto sweep: returns a list of BitConfig, one per
+    budget). `bits`: candidate bit-widths, or a dict glob -> candidates (later patterns override
+    earlier ones; every layer must be covered). `act_bits`: int, or dict glob -> int (default 8).
+    `pin`: dict glob -> bits (must be a candidate). `tie`: groups of names/globs with equal bits.
+    `beta`: importance temperature (see the module docstring). `method`: "ilp" (exact, CP-SAT) or
+    "lp-round". `proxy`: "orm", a name understood by `ompq.proxies.proxy_values` ("hawq",
+    "uniform", "random"; `model`, `data`, `seed` are passed on), or a dict layer -> importance.
+    Raises InfeasibleBudgetError (with the achievable size/BOPs range) when no assignment fits.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) \
+            or not time_limit_s > 0:
+        raise ValueError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
+    budgets, sweep = _budgets(size_mb, bops_g)
+    problem = _problem(profile, bits, act_bits, pin, tie)
+    caps = [_caps(problem, s, b) for s, b in budgets]
+    proxy_name, importance, problem.values, proxy_s = _values(profile, proxy, beta, problem.cand,
+                                                              model, data, seed)
+    if proxy_name in ("orm", "custom"):
+        problem.weights = np.array([importance[n] for n in problem.names])
+    solver = _CpSat(problem, seed, time_limit_s) if method == "ilp" else None
+    setup_s = time.perf_counter() - t0
+    configs = []
+    it = budgets
+    if progress and len(budgets) > 1:
+        from tqdm.auto import tqdm
+        it = tqdm(budgets, desc="ompq allocate", unit="budget", leave=False)
+    for (s, b), (cap_s, cap_b) in zip(it, caps):
+        t1 = time.perf_counter()
+        if solver is not None:
+            chosen, status = solver.solve(cap_s, cap_b)
+        else:
+            chosen, status = _lp_round(problem, cap_s, cap_b)
+        configs.append(_config(problem, chosen, status, method, proxy_name, importance, s, b,
+                               time.perf_counter() - t1 + (setup_s + proxy_s) / len(budgets)))
+    return configs if sweep else configs[0]
+
+
+def _config(problem: _Problem, chosen: list[int], status: str, method: str, proxy: str,
+            importance: dict[str, float], size_mb: Optional[float], bops_g: Optional[float],
+            seconds: float) -> BitConfig:
+    names = problem.names
+    return BitConfig(weight_bits={n: int(b) for n, b in zip(names, chosen)},
+                     act_bits={n: int(a) for n, a in zip(names, problem.act)},
+                     importance=dict(importance),
+                     size_mb=problem.size_bits(chosen) / BITS_PER_MIB,
+                     bops_g=problem.bops(chosen) / 1e9, status=status,
+                     objective=problem.objective(chosen), method=method, proxy=proxy,
+                     budget={"size_mb": size_mb, "bops_g": bops_g}, search_seconds=seconds)

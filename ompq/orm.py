@@ -1,0 +1,147 @@
+"""Orthogonality metric (ORM): linear-kernel CKA between the features of every pair of layers.
+
+With column-centred features X̃_i (N×D_i) and centred Grams K_i = X̃_i X̃_iᵀ (N×N)::
+
+    ORM(i, j) = <K_i, K_j>_F / (‖K_i‖_F · ‖K_j‖_F)
+
+All pairs come from ONE matrix product: stack the Frobenius-normalised Grams as rows of an
+L×N² matrix G (float64) and take G Gᵀ. ORM has a unit diagonal, is symmetric, lies in [0, 1] and
+is invariant to isotropic scaling and orthogonal transforms of each feature space.
+
+`debiased=True` replaces the (biased) HSIC by the unbiased U-statistic of Song et al. (2007):
+each Gram is *U-centred* (diagonal zeroed, then row/column means removed with the
+1/(N−2), 1/((N−1)(N−2)) weights of Székely & Rizzo; as in the debiased CKA of Kornblith et al. /
+Nguyen et al.); ORM(i, j) = <U_i, U_j> / (‖U_i‖ ‖U_j‖). The 1/(N(N−3)) factor of the
+U-statistic cancels. Debiased values can be slightly negative. Needs N ≥ 4.
+
+Degenerate features: a non-finite feature (or Gram) raises ValueError naming the layer. A
+constant (or all-zero) feature has a zero centred Gram, for which CKA is 0/0; ompq warns naming
+the layer and defines its row and column as 0 off the diagonal (and 1 on it): a feature that does
+not vary over the samples shares no sample structure with any other layer. No NaN ever leaves
+these functions.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+MIN_SAMPLES = 4
+# A Gram whose Frobenius norm is below this fraction of the largest one counts as zero (constant
+# feature): fp32 centring of a constant leaves only rounding noise.
+_ZERO_REL = 1e-12
+
+
+def _layer_name(names: Optional[Sequence[str]], i: int) -> str:
+    return repr(names[i]) if names is not None and i < len(names) else f"#{i}"
+
+
+def feature_gram(x: Tensor) -> Tensor:
+    """Centred N×N Gram of one feature (N×…, flattened per sample).
+
+    float64 features are centred and multiplied in float64 (exact reference path); other dtypes
+    go through the compiled `ompq.ops.centered_gram` (fp32 result, fp32 accumulation).
+    """
+    flat = x.reshape(x.shape[0], -1)
+    if flat.dtype == torch.float64:
+        xc = flat - flat.mean(dim=0, keepdim=True)
+        return xc @ xc.T
+    if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        flat = flat.float()
+    return ops.centered_gram(flat)
+
+
+def u_center(grams: Tensor) -> Tensor:
+    """U-centre a batch of Grams (…×N×N): zero diagonal, Székely–Rizzo double centring.
+
+    U_ij = K_ij − r_i/(N−2) − r_j/(N−2) + s/((N−1)(N−2)) for i ≠ j and U_ii = 0, where K has a
+    zeroed diagonal, r are its row sums and s its total sum.
+    """
+    n = grams.shape[-1]
+    if n < MIN_SAMPLES:
+        raise ValueError(f"the debiased estimator needs at least {MIN_SAMPLES} samples, got {n}")
+    eye = torch.eye(n, dtype=torch.bool, device=grams.device)
+    k = grams.masked_fill(eye, 0.0)
+    rows = k.sum(dim=-1)
+    total = rows.sum(dim=-1, keepdim=True)
+    means = rows / (n - 2) - total / (2 * (n - 1) * (n - 2))
+    u = k - means.unsqueeze(-1) - means.unsqueeze(-2)
+    return u.masked_fill(eye, 0.0)
+
+
+def orm_from_grams(grams: Tensor, debiased: bool = False,
+                   names: Optional[Sequence[str]] = None) -> Tensor:
+    """L×L float64 ORM from stacked centred Grams (L×N×N, any float dtype).
+
+    One L×N² @ N²×L product of Frobenius-normalised Grams. `names` only improves messages.
+    """
+    if not isinstance(grams, Tensor) or grams.dim() != 3 or grams.shape[1] != grams.shape[2]:
+        shape = tuple(grams.shape) if isinstance(grams, Tensor) else type(grams).__name__
+        raise ValueError(f"grams must be an L×N×N tensor, got {shape}")
+    num, n = grams.shape[0], grams.shape[1]
+    if num == 0:
+        raise ValueError("orm_from_grams needs at least one Gram")
+    if n < MIN_SAMPLES:
+        raise ValueError(f"ORM needs at least {MIN_SAMPLES} samples, got N = {n}")
+    g = grams.to(torch.float64)
+    finite = torch.isfinite(g).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"layer {_layer_name(names, bad)} has a non-finite feature (inf/NaN, or "
+                         "values too large for a float32 Gram); check the model and its inputs")
+    if debiased:
+        g = u_center(g)
+    flat = g.reshape(num, n * n)
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    scale = float(norms.max()) if num else 0.0
+    zero = norms <= _ZERO_REL * scale if scale > 0 else torch.ones_like(norms, dtype=torch.bool)
+    for i in zero.nonzero().flatten().tolist():
+        warnings.warn(f"layer {_layer_name(names, i)} has a constant feature over the samples "
+                      "(zero centred Gram); its ORM to every other layer is set to 0",
+                      RuntimeWarning, stacklevel=3)
+    safe = torch.where(zero, torch.ones_like(norms), norms)
+    unit = flat / safe.unsqueeze(1)
+    unit[zero] = 0.0
+    orm = unit @ unit.T
+    orm = 0.5 * (orm + orm.T)
+    orm.fill_diagonal_(1.0)
+    if not debiased:
+        orm.clamp_(0.0, 1.0)
+    return orm
+
+
+def orm_matrix(features: Sequence[Tensor], debiased: bool = False,
+               names: Optional[Sequence[str]] = None) -> Tensor:
+    """L×L float64 ORM (linear CKA) of a list of features, each N×… (flattened per sample).
+
+    Every feature must have the same N ≥ 4 along dim 0. `names` (one per feature) only improves
+    messages. See the module docstring for the definition and degenerate cases.
+    """
+    feats = list(features)
+    if not feats:
+        raise ValueError("orm_matrix needs at least one feature")
+    if names is not None and len(names) != len(feats):
+        raise ValueError(f"got {len(names)} names for {len(feats)} features")
+    n = None
+    for i, f in enumerate(feats):
+        if not isinstance(f, Tensor):
+            raise TypeError(f"feature {_layer_name(names, i)} must be a tensor, got "
+                            f"{type(f).__name__}")
+        if f.dim() < 1 or (n is not None and f.shape[0] != n):
+            raise ValueError(f"feature {_layer_name(names, i)} has shape {tuple(f.shape)}; every "
+                             f"feature needs the same number of samples N = {n} on dim 0")
+        n = f.shape[0]
+        if not f.is_floating_point():
+            feats[i] = f.float()
+    if n < MIN_SAMPLES:
+        raise ValueError(f"ORM needs at least {MIN_SAMPLES} samples, got N = {n}")
+    for i, f in enumerate(feats):
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"feature {_layer_name(names, i)} has non-finite values (inf/NaN)")
+    dtype = torch.float64 if any(f.dtype == torch.float64 for f in feats) else torch.float32
+    grams = torch.stack([feature_gram(f).to(dtype) for f in feats])
+    return orm_from_grams(grams, debiased=debiased, names=names)

@@ -1,0 +1,379 @@
+"""Streaming ORM profiler: one inference forward, one centred Gram per layer, one matrix product.
+
+Which tensor is a layer's feature (`feature="auto"`, the default)
+-----------------------------------------------------------------
+The reference implementation takes a layer's feature after the BatchNorm and activation that
+directly follow it (and, for the last conv of a residual block, after the residual add and its
+ReLU), because that is the function the layer computes inside the network: a conv output before
+its BN/ReLU differs from what the next layer sees by a per-channel affine map and a rectification,
+and CKA is not invariant to either. ompq finds that tensor model-agnostically with forward hooks
+on every leaf module and *tensor identity*:
+
+* when layer i returns its output, that tensor becomes *pending*;
+* when the next leaf module called is a BatchNorm or an activation module (`FOLLOW_TYPES`:
+  ReLU, ReLU6, GELU, SiLU, Hardswish, ...) whose input **is** the pending tensor, the module's
+  output becomes the pending tensor (an in-place ReLU returns the same tensor);
+* any other module call (or the end of the forward) ends the chain: the pending tensor is turned
+  into its centred N×N Gram (`ompq.ops.centered_gram`) and released.
+
+Consequences: `conv → bn → relu` gives the post-ReLU tensor; `out = bn2(conv2(x)); out += identity;
+out = self.relu(out)` gives the post-add, post-ReLU tensor (the in-place add keeps the tensor's
+identity, the ReLU module then follows it), as in the reference. A functional activation
+(`F.relu`) or a non-in-place add ends the chain before it, and a module called between a layer and
+its BN (e.g. a downsample branch run before the add) ends it too. An in-place change made by a
+functional op while a tensor is pending (e.g. `out += identity` followed by `F.relu`) is part of
+the feature. `feature="output"` uses the raw layer output, turned into a Gram inside the layer's
+own hook.
+
+Memory: only the pending chain's tensor (at most one at a time; `_Recorder.max_pending` counts
+it) is held on top of what the forward itself keeps; every other feature is reduced to its Gram at
+once, so the profiler needs O(L·N²) extra memory. A layer called several times in one forward gets
+the Gram of the concatenation of its calls' features (the sum of their centred Grams).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .layers import LayerInfo, Patterns, call_model, find_layers, first_tensor, layer_info
+from .orm import MIN_SAMPLES, feature_gram, orm_from_grams
+
+FORMAT = "ompq.Profile"
+VERSION = 1
+
+FOLLOW_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid,
+    nn.Tanh, nn.Softplus, nn.Identity,
+)
+FEATURES = ("auto", "output")
+
+
+def load_json_payload(src: Union[str, os.PathLike, dict], fmt: str, version: int) -> dict:
+    """Parse JSON text, a path to a JSON file, or a dict, and check its format and version."""
+    if isinstance(src, dict):
+        data = src
+    else:
+        text = str(src)
+        if not text.lstrip().startswith(("{", "[")):
+            if not os.path.exists(text):
+                raise FileNotFoundError(f"no such {fmt} JSON file: {text!r}")
+            with open(text, encoding="utf-8") as fh:
+                text = fh.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid {fmt} JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"expected JSON with format {fmt!r}, got format {got!r}")
+    ver = data.get("version")
+    if not isinstance(ver, int) or ver < 1:
+        raise ValueError(f"{fmt} JSON has an invalid version {ver!r} (expected an integer ≥ 1)")
+    if ver > version:
+        raise ValueError(f"{fmt} JSON has version {ver}, newer than this ompq reads ({version}); "
+                         "upgrade ompq")
+    return data
+
+
+def write_json(text: str, path: Optional[Union[str, os.PathLike]]) -> str:
+    """Write `text` to `path` when given; return the text."""
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    return text
+
+
+@dataclass
+class Profile:
+    """Result of `profile()`: layers in execution order, their L×L ORM (float64) and timings.
+
+    `timings` (seconds): "forward" (the forward pass without the Gram work), "gram" (inside the
+    hooks), "orm" (the L×L product), "total" (the whole `profile()` call).
+    """
+
+    layers: list[LayerInfo]
+    orm: Tensor
+    num_samples: int
+    seed: int
+    feature: str
+    debiased: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    model: Optional[str] = None
+    version: int = VERSION
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in execution order."""
+        return [layer.name for layer in self.layers]
+
+    def gamma(self) -> Tensor:
+        """γ_i = mean over j ≠ i of ORM(i, j) (float64, length L; 0 for a single layer)."""
+        num = self.orm.shape[0]
+        if num < 2:
+            return torch.zeros(num, dtype=torch.float64)
+        off = self.orm.to(torch.float64).sum(dim=1) - self.orm.diagonal().to(torch.float64)
+        return off / (num - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict with "format" and "version"."""
+        return {"format": FORMAT, "version": self.version, "model": self.model,
+                "num_samples": self.num_samples, "seed": self.seed, "feature": self.feature,
+                "debiased": self.debiased, "timings": dict(self.timings),
+                "layers": [layer.to_dict() for layer in self.layers],
+                "orm": self.orm.to(torch.float64).cpu().tolist()}
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
+        """JSON text (floats round-trip exactly); also written to `path` when given."""
+        return write_json(json.dumps(self.to_dict(), indent=1), path)
+
+    @classmethod
+    def from_json(cls, src: Union[str, os.PathLike, dict]) -> "Profile":
+        """Load from JSON text, a file path or a dict; refuses other formats/newer versions."""
+        d = load_json_payload(src, FORMAT, VERSION)
+        layers = [LayerInfo.from_dict(x) for x in d["layers"]]
+        orm = torch.tensor(d["orm"], dtype=torch.float64)
+        if orm.shape != (len(layers), len(layers)):
+            raise ValueError(f"Profile JSON: orm has shape {tuple(orm.shape)} for "
+                             f"{len(layers)} layers")
+        return cls(layers=layers, orm=orm, num_samples=int(d["num_samples"]),
+                   seed=int(d["seed"]), feature=str(d["feature"]), debiased=bool(d["debiased"]),
+                   timings={k: float(v) for k, v in d.get("timings", {}).items()},
+                   model=d.get("model"), version=VERSION)
+
+
+# ----------------------------------------------------------------------------- sampling
+def _stack_item(item: Any) -> Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    if isinstance(x, dict):
+        raise TypeError("dataset items must be a tensor x or a tuple (x, y), got a dict")
+    return torch.as_tensor(x)
+
+
+def _draw(count: int, num_samples: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(count, generator=gen)[:num_samples].sort().values
+
+
+def sample_inputs(inputs: Any, num_samples: int, seed: int) -> Tensor:
+    """Draw `num_samples` samples (seeded, without replacement) from a tensor, Dataset or batches.
+
+    A tensor or a map-style Dataset (items `x` or `(x, y)`) is sampled uniformly with a local
+    generator seeded by `seed`. An iterable of batches (tensors or `(x, y)` tuples, e.g. a
+    DataLoader) is read until it yields `num_samples` samples, which are then drawn from those
+    batches. Too few samples raise ValueError.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise TypeError(f"num_samples must be an int, got {num_samples!r}")
+    if num_samples < MIN_SAMPLES:
+        raise ValueError(f"num_samples must be at least {MIN_SAMPLES} (centred Grams and the "
+                         f"debiased HSIC need N ≥ 4), got {num_samples}")
+    if isinstance(inputs, Tensor):
+        if inputs.dim() == 0 or inputs.shape[0] < num_samples:
+            have = inputs.shape[0] if inputs.dim() else 0
+            raise ValueError(f"inputs hold {have} samples along dim 0, fewer than "
+                             f"num_samples = {num_samples}")
+        return inputs[_draw(inputs.shape[0], num_samples, seed).to(inputs.device)]
+    if hasattr(inputs, "__getitem__") and hasattr(inputs, "__len__") \
+            and not isinstance(inputs, (list, tuple, dict, str)):
+        count = len(inputs)
+        if count < num_samples:
+            raise ValueError(f"the dataset has {count} samples, fewer than "
+                             f"num_samples = {num_samples}")
+        return torch.stack([_stack_item(inputs[i]) for i in _draw(count, num_samples, seed)])
+    if isinstance(inputs, Iterable) and not isinstance(inputs, (str, dict)):
+        batches, have = [], 0
+        for batch in inputs:
+            x = _stack_item(batch)
+            if x.dim() == 0:
+                raise ValueError("each batch must have the batch on dim 0")
+            batches.append(x)
+            have += x.shape[0]
+            if have >= num_samples:
+                break
+        if have < num_samples:
+            raise ValueError(f"the batches hold {have} samples, fewer than "
+                             f"num_samples = {num_samples}")
+        pool = torch.cat(batches)
+        return pool[_draw(pool.shape[0], num_samples, seed).to(pool.device)]
+    raise TypeError("inputs must be a tensor (N×...), a Dataset (items x or (x, y)) or an "
+                    f"iterable of batches, got {type(inputs).__name__}")
+
+
+# ----------------------------------------------------------------------------- recording
+class _Recorder:
+    """Hook bookkeeping: pending feature chain, Grams, layer stats, timings."""
+
+    def __init__(self, names: Sequence[str], num_samples: int, feature: str, pbar: Any) -> None:
+        self.names = set(names)
+        self.num_samples = num_samples
+        self.feature = feature
+        self.pbar = pbar
+        self.grams: dict[str, Tensor] = {}
+        self.infos: dict[str, LayerInfo] = {}
+        self.pending_name: Optional[str] = None
+        self.pending: Optional[Tensor] = None
+        self.live_pending = 0
+        self.max_pending = 0
+        self.gram_seconds = 0.0
+        self.gram_calls = 0
+
+    # -- Gram of one feature
+    def _add_gram(self, name: str, x: Tensor) -> None:
+        if x.shape[0] != self.num_samples:
+            raise ValueError(f"layer {name!r} returned a tensor of shape {tuple(x.shape)}; ompq "
+                             f"needs the batch of {self.num_samples} samples on dim 0")
+        t0 = time.perf_counter()
+        gram = feature_gram(x)
+        if gram.dtype != torch.float32:
+            gram = gram.float()
+        self.gram_seconds += time.perf_counter() - t0
+        self.gram_calls += 1
+        if name in self.grams:
+            self.grams[name] += gram
+        else:
+            self.grams[name] = gram
+            if self.pbar is not None:
+                self.pbar.update(1)
+
+    def _set_pending(self, name: str, x: Tensor) -> None:
+        self.pending_name, self.pending = name, x
+        self.live_pending = 1
+        self.max_pending = max(self.max_pending, self.live_pending)
+
+    def flush(self) -> None:
+        """End the pending chain: reduce its tensor to a Gram and drop the reference."""
+        if self.pending is not None:
+            name, x = self.pending_name, self.pending
+            self.pending_name, self.pending = None, None
+            self.live_pending = 0
+            self._add_gram(name, x)
+
+    # -- hooks
+    def pre_hook(self, module: nn.Module, args: Any) -> None:
+        """Before any leaf module: continue the chain (BN/activation on the pending tensor) or end it."""
+        if self.pending is None:
+            return
+        if isinstance(module, FOLLOW_TYPES) and args and args[0] is self.pending:
+            return
+        self.flush()
+
+    def follow_hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        """After a BN/activation module: its output continues the pending chain."""
+        if self.pending is not None and args and args[0] is self.pending \
+                and isinstance(out, Tensor):
+            self.pending = out
+
+    def layer_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            inp, o = first_tensor(args), out if isinstance(out, Tensor) else first_tensor(out)
+            if inp is None or o is None:
+                raise ValueError(f"layer {name!r} has no tensor input/output; exclude it")
+            info = layer_info(name, module, inp, o)
+            if name in self.infos:
+                self.infos[name].macs += info.macs
+            else:
+                self.infos[name] = info
+            if self.feature == "output":
+                self._add_gram(name, o)
+            else:
+                self.flush()
+                self._set_pending(name, o)
+        return hook
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _register(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], rec: _Recorder,
+              feature: str) -> list[Any]:
+    handles = []
+    layer_ids = {id(m) for _, m in layers}
+    if feature == "auto":
+        for _, m in model.named_modules():
+            if next(m.children(), None) is None or id(m) in layer_ids:
+                handles.append(m.register_forward_pre_hook(rec.pre_hook))
+                if isinstance(m, FOLLOW_TYPES):
+                    handles.append(m.register_forward_hook(rec.follow_hook))
+    for name, m in layers:
+        handles.append(m.register_forward_hook(rec.layer_hook(name)))
+    return handles
+
+
+def _make_pbar(total: int, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="ompq profile", unit="layer", leave=False)
+
+
+def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int = 0,
+            include: Patterns = None, exclude: Patterns = None,
+            types: Optional[tuple[type, ...]] = None, feature: str = "auto",
+            debiased: bool = False, device: Optional[Union[str, torch.device]] = None,
+            progress: bool = True, description: Optional[str] = None) -> Profile:
+    """Profile `model`: layer stats and the L×L ORM from one streaming inference forward.
+
+    `inputs`: a tensor with ≥ `num_samples` samples on dim 0, a Dataset (items `x` or `(x, y)`)
+    or an iterable of batches; `num_samples` (≥ 4) are drawn with `seed`. The model runs once
+    in eval mode under `torch.inference_mode()` (its training flag is restored; on `device` when
+    given, then moved back). `include`/`exclude`/`types` select layers as in `find_layers`.
+    `feature`: "auto" (after a directly following BN/activation, see the module docstring) or
+    "output" (raw layer output). `debiased`: unbiased HSIC. Returns a `Profile` whose layers are
+    in execution order; selected layers that do not run raise ValueError.
+    """
+    t_start = time.perf_counter()
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    layers = find_layers(model, include=include, exclude=exclude, types=types)
+    x = sample_inputs(inputs, num_samples, seed)
+    home = _model_device(model)
+    target = torch.device(device) if device is not None else home
+    if target != home:
+        model.to(target)
+    x = x.to(target)
+    pbar = _make_pbar(len(layers), progress)
+    rec = _Recorder([n for n, _ in layers], num_samples, feature, pbar)
+    handles = _register(model, layers, rec, feature)
+    was_training = model.training
+    try:
+        model.eval()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            call_model(model, x)
+            rec.flush()
+        t_forward = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        if target != home:
+            model.to(home)
+        if pbar is not None:
+            pbar.close()
+    not_run = [n for n, _ in layers if n not in rec.infos]
+    if not_run:
+        raise ValueError(f"layer(s) {not_run[:8]} did not run in the forward pass; exclude them "
+                         "(exclude=...)")
+    order = list(rec.infos)
+    t1 = time.perf_counter()
+    grams = torch.stack([rec.grams[n] for n in order])
+    orm = orm_from_grams(grams, debiased=debiased, names=order).cpu()
+    t_orm = time.perf_counter() - t1
+    timings = {"forward": t_forward - rec.gram_seconds, "gram": rec.gram_seconds, "orm": t_orm,
+               "total": time.perf_counter() - t_start}
+    return Profile(layers=[rec.infos[n] for n in order], orm=orm, num_samples=num_samples,
+                   seed=seed, feature=feature, debiased=debiased, timings=timings,
+                   model=description if description is not None else type(model).__name__)
