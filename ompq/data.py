@@ -1,0 +1,288 @@
+"""Datasets for ompq: the built-in Fashion-MNIST and ImageNet-style image folders.
+
+No torchvision: Fashion-MNIST is decoded from its idx ``.gz`` files with gzip + numpy, image
+folders are read with PIL. Every random choice takes a ``seed`` and uses a local
+``torch.Generator``.
+
+Dataset specs understood by :func:`load_dataset` (and the CLI's ``--data``):
+
+- ``"fashion-mnist"``: the 28×28×1 Fashion-MNIST split (offline; Debian package
+  ``dataset-fashion-mnist`` or the folder in ``$OMPQ_FASHION_MNIST``).
+- ``"imagefolder:PATH"``: ImageNet-style class folders (``PATH/<class>/<image>``); if
+  ``PATH/<split>`` exists (e.g. ``PATH/val``), that sub-folder is used.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = [
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "FASHION_MNIST_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DEFAULT_FASHION_MNIST_ROOT",
+    "IMAGE_EXTENSIONS",
+    "DatasetError",
+    "fashion_mnist",
+    "ImageFolder",
+    "imagefolder",
+    "load_dataset",
+    "sample_batch",
+    "make_loader",
+]
+
+#: Mean and standard deviation of the Fashion-MNIST training pixels (scaled to [0, 1]).
+FASHION_MNIST_MEAN: float = 0.2860
+FASHION_MNIST_STD: float = 0.3530
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
+
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
+}
+_VALID_SPECS = "'fashion-mnist' or 'imagefolder:PATH'"
+
+
+class DatasetError(ValueError):
+    """A dataset could not be found, read or parsed; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+def _resolve_fmnist_root(root: Optional[Union[str, os.PathLike]]) -> Path:
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("OMPQ_FASHION_MNIST")
+    return Path(env) if env else Path(DEFAULT_FASHION_MNIST_ROOT)
+
+
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    """Decode one gzip-compressed idx file (magic 0x08 = uint8) into a numpy array."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"cannot read Fashion-MNIST file {path}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DatasetError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    if ndim != expected_dims:
+        raise DatasetError(f"{path} has {ndim} dimensions, expected {expected_dims}")
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header)
+    if data.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: header says {shape}, found {data.size} bytes")
+    return data.reshape(shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _fmnist_arrays(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded, normalised (images, labels) of one split; cached per (root, split)."""
+    img_name, lbl_name, count = _FMNIST_FILES[split]
+    base = Path(root)
+    missing = [n for n in (img_name, lbl_name) if not (base / n).is_file()]
+    if missing:
+        raise DatasetError(
+            f"Fashion-MNIST {split} files not found in {base} (missing: {', '.join(missing)}). "
+            "Install them with `apt-get install dataset-fashion-mnist` (files in "
+            f"{DEFAULT_FASHION_MNIST_ROOT}) or set OMPQ_FASHION_MNIST to a folder holding "
+            f"{img_name} and {lbl_name}.")
+    images = _read_idx(base / img_name, 3)
+    labels = _read_idx(base / lbl_name, 1)
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"Fashion-MNIST {split} in {base}: {images.shape[0]} images but "
+                           f"{labels.shape[0]} labels")
+    if images.shape[1:] != (28, 28):
+        raise DatasetError(f"Fashion-MNIST {split} in {base}: images are "
+                           f"{images.shape[1:]}, expected (28, 28)")
+    x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
+    x = x.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze_(1).contiguous()
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x, y
+
+
+def fashion_mnist(split: str = "train",
+                  root: Optional[Union[str, os.PathLike]] = None) -> TensorDataset:
+    """Fashion-MNIST as a ``TensorDataset`` of (float32 N×1×28×28, int64 N) tensors.
+
+    Pixels are scaled to [0, 1] and normalised with :data:`FASHION_MNIST_MEAN` /
+    :data:`FASHION_MNIST_STD`. ``split`` is ``"train"`` (60 000 images) or ``"test"`` (10 000).
+    Files are looked up in ``root``, else ``$OMPQ_FASHION_MNIST``, else
+    ``/usr/share/datasets/fashion-mnist``. Decoding happens once per process (about 0.5 s);
+    later calls share the cached tensors (treat them as read-only).
+    """
+    if split not in _FMNIST_FILES:
+        raise DatasetError(f"unknown Fashion-MNIST split {split!r}; valid: 'train', 'test'")
+    base = _resolve_fmnist_root(root)
+    x, y = _fmnist_arrays(str(base.expanduser().resolve()), split)
+    return TensorDataset(x, y)
+
+
+# --------------------------------------------------------------------------- image folders
+class ImageFolder(Dataset):
+    """ImageNet-style folder ``root/<class>/<image>`` read with PIL.
+
+    Items are ``(image, label)``: image a float32 C×S×S tensor (shorter side resized to
+    ``resize`` pixels, centre crop of ``image_size``, scaled to [0, 1], normalised with
+    ``mean``/``std``), label the index of the class folder in sorted order (``classes``).
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], image_size: int = 224, resize: int = 256,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 grayscale: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"image folder {self.root} does not exist or is not a folder; "
+                               "expected ImageNet-style class folders PATH/<class>/<image>")
+        if image_size <= 0 or resize < image_size:
+            raise DatasetError(f"need 0 < image_size <= resize, got image_size={image_size}, "
+                               f"resize={resize}")
+        channels = 1 if grayscale else 3
+        if len(mean) != channels or len(std) != channels:
+            raise DatasetError(f"mean/std need {channels} values for "
+                               f"{'grayscale' if grayscale else 'RGB'} images, got "
+                               f"{len(mean)}/{len(std)}")
+        if any(s <= 0 for s in std):
+            raise DatasetError(f"std values must be positive, got {tuple(std)}")
+        self.image_size, self.resize, self.grayscale = int(image_size), int(resize), grayscale
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.classes = sorted(d.name for d in self.root.iterdir()
+                              if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise DatasetError(f"image folder {self.root} has no class sub-folders; expected "
+                               "PATH/<class>/<image> (ImageNet layout)")
+        self.samples: list[tuple[Path, int]] = []
+        for label, cls in enumerate(self.classes):
+            for path in sorted((self.root / cls).rglob("*")):
+                if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                    self.samples.append((path, label))
+        if not self.samples:
+            raise DatasetError(f"image folder {self.root} has class folders "
+                               f"{self.classes[:5]} but no images with extensions "
+                               f"{', '.join(IMAGE_EXTENSIONS)}")
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, path: Path) -> torch.Tensor:
+        """Read, resize, centre-crop and normalise one image file."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.grayscale else "RGB")
+                w, h = img.size
+                scale = self.resize / min(w, h)
+                new_w, new_h = max(self.resize, round(w * scale)), max(self.resize,
+                                                                       round(h * scale))
+                if min(w, h) != self.resize:
+                    img = img.resize((new_w, new_h), Image.BILINEAR)
+                else:
+                    new_w, new_h = w, h
+                left = (new_w - self.image_size) // 2
+                top = (new_h - self.image_size) // 2
+                img = img.crop((left, top, left + self.image_size, top + self.image_size))
+                arr = np.asarray(img, dtype=np.uint8).copy()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        t = torch.from_numpy(arr).float().div_(255.0)
+        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        return ((t - self.mean) / self.std).contiguous()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.load_image(path), label
+
+
+def imagefolder(path: Union[str, os.PathLike], split: Optional[str] = None,
+                image_size: int = 224, resize: int = 256,
+                mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD, grayscale: bool = False) -> ImageFolder:
+    """An :class:`ImageFolder` on ``path`` (or ``path/split`` when that sub-folder exists).
+
+    Standard evaluation transform: shorter side resized to ``resize`` px (bilinear), centre crop
+    of ``image_size`` px, scale to [0, 1], normalise with ``mean``/``std`` (ImageNet by default).
+    """
+    base = Path(path).expanduser()
+    if split is not None and (base / split).is_dir():
+        base = base / split
+    return ImageFolder(base, image_size=image_size, resize=resize, mean=mean, std=std,
+                       grayscale=grayscale)
+
+
+# --------------------------------------------------------------------------- helpers
+def load_dataset(spec: str, split: str = "test") -> Dataset:
+    """Resolve a dataset spec: ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
+
+    For image folders ``split`` picks ``PATH/<split>`` when that sub-folder exists (``"test"``
+    also tries ``val``), else ``PATH`` itself is used.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; valid: "
+                           f"{_VALID_SPECS}")
+    name = spec.strip()
+    if name.lower() in ("fashion-mnist", "fashion_mnist", "fmnist", "fashionmnist"):
+        return fashion_mnist(split)
+    if name.lower().startswith("imagefolder:"):
+        path = name.split(":", 1)[1]
+        if not path:
+            raise DatasetError("'imagefolder:' needs a path, e.g. imagefolder:/data/imagenet")
+        base = Path(path).expanduser()
+        sub = split
+        if split == "test" and not (base / "test").is_dir() and (base / "val").is_dir():
+            sub = "val"
+        return imagefolder(base, split=sub)
+    raise DatasetError(f"unknown dataset spec {spec!r}; valid: {_VALID_SPECS}")
+
+
+def _first_tensor(item) -> torch.Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got "
+                        f"{type(x).__name__}")
+    return x
+
+
+def sample_batch(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
+    """Stack ``n`` inputs drawn without replacement from ``dataset`` (local generator)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if n > size:
+        raise ValueError(f"cannot draw n={n} samples without replacement from a dataset of "
+                         f"{size}; use n <= {size}")
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(size, generator=gen)[:n]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0][idx].clone()
+    return torch.stack([_first_tensor(dataset[int(i)]) for i in idx])
+
+
+def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False, num_workers: int = 0,
+                collate_fn: Optional[Callable] = None) -> DataLoader:
+    """A ``DataLoader`` whose shuffling uses a local generator seeded with ``seed``."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      drop_last=drop_last, num_workers=num_workers, collate_fn=collate_fn)
