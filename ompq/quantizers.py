@@ -86,6 +86,9 @@ class WeightQuantizer(nn.Module):
         mode: "nearest" (round to nearest, STE), "adaround" (learned rounding; `soft` selects the
             rectified-sigmoid relaxation or the hard 0/1 rounding), or "lsq" (learned step size).
 
+    Attribute `dynamic` (nearest mode only): recompute the min-max scale from the current weight
+    at every forward (HAWQ-V3 style STE QAT).
+
     `scale` is an `nn.Parameter` (trainable only in "lsq" mode) and `zero_point` a buffer holding
     integers as floats, both of length `channels`.
     """
@@ -102,6 +105,7 @@ class WeightQuantizer(nn.Module):
         self.alpha: Optional[nn.Parameter] = None
         self.soft = True
         self._owner: Optional[weakref.ReferenceType] = None
+        self.dynamic = False  # nearest mode: recompute a min-max scale from w at every forward
         self.mode = "nearest"
         self.set_mode(mode)
 
@@ -200,6 +204,8 @@ class WeightQuantizer(nn.Module):
             g = 1.0 / math.sqrt(per_ch * max(self.qmax, 1))
             return ops.lsq_fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax,
                                       self.axis, g)
+        if self.dynamic:
+            self.init_scale(w, "minmax")
         return ops.fake_quant(w, self.scale.detach(), self.zero_point, self.qmin, self.qmax,
                               self.axis)
 

@@ -1,0 +1,193 @@
+"""Alternative sensitivity proxies that feed the same ILP as OMPQ's orthogonality.
+
+`proxy_values(proxy, profile, candidates, ...)` returns, for every layer and candidate width b,
+the value the ILP maximises (`Σ_i values[i][b_i]` under the budgets):
+
+- "hawq": HAWQ-V2. Hutchinson's estimator of each layer's weight-Hessian trace of the
+  cross-entropy loss on a calibration batch (Rademacher vectors, Hessian-vector products by double
+  backprop; stops after `max_iters` vectors or when the running mean of the total trace changes
+  by less than `tol` relative, as PyHessian), divided by the layer's weight count (the average
+  trace of HAWQ-V2); then `values[i][b] = −avg_trace_i · ‖Q_b(W_i) − W_i‖²` with the PTQ weight
+  quantizer (asymmetric per-channel, MSE-initialised scale). `importance[i] = avg_trace_i`.
+- "uniform": every layer the same width. `values[i][b] = b · params_i / Σ params` and
+  `tie = [all layers]`: with the tie the ILP maximises the common width b subject to the budget,
+  i.e. picks the highest uniform width that fits. `allocate` must add `ProxyResult.tie` to its
+  tied groups (or the caller passes `tie=[names]`); without the tie the same values maximise the
+  model size under the budget.
+- "random": seeded random importance `r_i ~ U(0, 1)`, `values[i][b] = b · r_i` (same form as
+  OMPQ's objective with random importance).
+
+Each result reports its own search time in seconds (`ProxyResult.seconds`), not counting the
+ILP.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizers import WeightQuantizer
+
+PROXIES = ("hawq", "uniform", "random")
+
+
+@dataclass
+class ProxyResult:
+    """values: layer -> {bits: value} (the ILP maximises the sum); importance: layer -> float;
+    seconds: time spent computing the proxy; tie: groups of layers that must share bits."""
+
+    values: dict[str, dict[int, float]]
+    importance: dict[str, float]
+    seconds: float
+    tie: Optional[list[list[str]]] = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _layer_names(profile: Any) -> list[str]:
+    return [layer.name for layer in profile.layers]
+
+
+def _candidates(names: Sequence[str], candidates: Union[Sequence[int], Mapping[str, Sequence[int]]]
+                ) -> dict[str, list[int]]:
+    if isinstance(candidates, Mapping):
+        missing = [n for n in names if n not in candidates]
+        if missing:
+            raise ValueError(f"candidate bits missing for layers {missing}")
+        return {n: [int(b) for b in candidates[n]] for n in names}
+    bits = [int(b) for b in candidates]
+    if not bits:
+        raise ValueError("candidates: empty list of bit-widths")
+    return {n: list(bits) for n in names}
+
+
+def _labelled_batch(data: Any, model: nn.Module, num_samples: int, seed: int
+                    ) -> tuple[Tensor, Tensor]:
+    """(x, y) with `num_samples` samples drawn with `seed`; labels = model predictions if absent."""
+    g = torch.Generator().manual_seed(seed)
+    x = y = None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        idx = torch.randperm(data[0].size(0), generator=g)[:num_samples]
+        x, y = data[0][idx], data[1][idx]
+    elif torch.is_tensor(data):
+        idx = torch.randperm(data.size(0), generator=g)[:num_samples]
+        x = data[idx]
+    elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        idx = torch.randperm(len(data), generator=g)[:num_samples].tolist()
+        items = [data[i] for i in idx]
+        if isinstance(items[0], (tuple, list)):
+            x = torch.stack([it[0] for it in items])
+            y = torch.as_tensor([int(it[1]) for it in items])
+        else:
+            x = torch.stack(items)
+    else:
+        raise TypeError("data must be a Dataset, an (x, y) pair of tensors or a tensor of inputs, "
+                        f"got {type(data).__name__}")
+    dev = next(model.parameters()).device
+    x = x.to(dev)
+    if y is None:
+        with torch.no_grad():
+            y = model(x).argmax(1)
+    return x, y.to(dev)
+
+
+def hessian_traces(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor, *,
+                   max_iters: int = 100, tol: float = 1e-3, seed: int = 0,
+                   progress: bool = False) -> tuple[dict[str, float], int]:
+    """Hutchinson estimates of Tr(∂²L/∂W_i²) (total, not averaged) of the mean cross-entropy.
+
+    Returns (layer -> trace, number of Rademacher vectors used). `tol=0` runs all `max_iters`.
+    """
+    weights = [model.get_submodule(n).weight for n in names]
+    saved = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        g = torch.Generator().manual_seed(seed)
+        sums = torch.zeros(len(weights), dtype=torch.float64)
+        prev = None
+        it_range = range(max_iters)
+        if progress:
+            from tqdm import tqdm
+            it_range = tqdm(it_range, desc="Hutchinson", leave=False)
+        n = 0
+        for n in it_range:
+            vs = [(torch.randint(0, 2, w.shape, generator=g) * 2 - 1).to(w) for w in weights]
+            hvs = torch.autograd.grad(grads, weights, vs, retain_graph=True)
+            sums += torch.tensor([float((hv * v).sum()) for hv, v in zip(hvs, vs)],
+                                 dtype=torch.float64)
+            total = float(sums.sum()) / (n + 1)
+            if prev is not None and tol > 0 and abs(total - prev) / (abs(prev) + 1e-6) < tol:
+                break
+            prev = total
+        used = n + 1
+    finally:
+        for w, s in zip(weights, saved):
+            w.requires_grad_(s)
+        model.train(was_training)
+    return {nm: float(s) / used for nm, s in zip(names, sums)}, used
+
+
+@torch.no_grad()
+def quant_perturbation(weight: Tensor, bits: int, *, symmetric: bool = False,
+                       init: str = "mse") -> float:
+    """‖Q_b(W) − W‖² with the per-channel weight quantizer used by PTQ."""
+    wq = WeightQuantizer(bits, weight.size(0), symmetric=symmetric).to(weight.device)
+    wq.init_scale(weight, init)
+    return float((wq(weight) - weight).pow(2).sum())
+
+
+def proxy_values(proxy: str, profile: Any, candidates: Union[Sequence[int], Mapping[str, Sequence[int]]],
+                 *, model: Optional[nn.Module] = None, data: Any = None, seed: int = 0,
+                 num_samples: int = 256, max_iters: int = 100, tol: float = 1e-3,
+                 progress: bool = False) -> ProxyResult:
+    """Per-layer, per-width ILP values of a baseline proxy (see module docstring).
+
+    Args:
+        proxy: "hawq", "uniform" or "random".
+        profile: a `Profile` (uses `.layers` names and `.params`).
+        candidates: candidate bit-widths (a sequence, or layer -> sequence).
+        model, data: needed by "hawq" (labelled data, or inputs labelled by the model).
+        seed: seeds the data sample, the Rademacher vectors and "random".
+        num_samples: calibration batch size for "hawq".
+        max_iters, tol: Hutchinson stopping rule.
+    """
+    if proxy not in PROXIES:
+        raise ValueError(f"proxy {proxy!r} unknown here; valid: {', '.join(PROXIES)} "
+                         "(\"orm\" is computed by allocate itself)")
+    t0 = time.perf_counter()
+    names = _layer_names(profile)
+    cands = _candidates(names, candidates)
+    params = {layer.name: int(layer.params) for layer in profile.layers}
+    if proxy == "uniform":
+        total = float(sum(params.values()))
+        values = {n: {b: b * params[n] / total for b in cands[n]} for n in names}
+        return ProxyResult(values, {n: 1.0 for n in names}, time.perf_counter() - t0,
+                           tie=[list(names)])
+    if proxy == "random":
+        g = torch.Generator().manual_seed(seed)
+        r = torch.rand(len(names), generator=g, dtype=torch.float64).tolist()
+        imp = dict(zip(names, r))
+        values = {n: {b: b * imp[n] for b in cands[n]} for n in names}
+        return ProxyResult(values, imp, time.perf_counter() - t0)
+    if model is None or data is None:
+        raise ValueError("proxy 'hawq' needs model= and data= (a calibration set)")
+    x, y = _labelled_batch(data, model, num_samples, seed)
+    traces, used = hessian_traces(model, names, x, y, max_iters=max_iters, tol=tol, seed=seed,
+                                  progress=progress)
+    t_trace = time.perf_counter() - t0
+    imp = {n: traces[n] / max(params[n], 1) for n in names}
+    values = {}
+    for n in names:
+        w = model.get_submodule(n).weight.detach()
+        values[n] = {b: -imp[n] * quant_perturbation(w, b) for b in cands[n]}
+    return ProxyResult(values, imp, time.perf_counter() - t0,
+                       info={"hutchinson_vectors": used, "trace_seconds": t_trace,
+                             "traces": traces, "num_samples": int(x.size(0))})

@@ -1,0 +1,252 @@
+"""Quantization-aware training (SPEC §5): BN folded and frozen, LSQ or STE fine-tuning, SGD with
+momentum 0.9 and cosine decay, one process or many under `torchrun`, exact resume.
+
+Distributed: when the `torch.distributed` environment variables are set (`RANK`, `WORLD_SIZE`,
+`MASTER_ADDR`, … as `torchrun` sets them) and `WORLD_SIZE > 1`, `qat` joins (or creates) the
+process group — backend "nccl" on GPUs, "gloo" on CPU — wraps the model in
+DistributedDataParallel and shards the data with a DistributedSampler; `batch_size` is the
+global batch (each process takes `batch_size // world_size`). Rank 0 alone logs, shows progress
+and writes checkpoints.
+
+Checkpoints: with `checkpoint_dir`, after every epoch rank 0 writes `qat_last.pt` (model,
+optimizer, scheduler, global RNG states, finished epoch, sampler epoch, bits) atomically (a
+temporary file then `os.replace`). With `resume=True` a later call continues after the last
+finished epoch; the data order of an epoch depends only on (seed, epoch), so an interrupted and
+resumed run ends with exactly the weights of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from .ptq import sample_inputs
+from .quantizers import (WeightQuantizer, act_quantizers, calibrate_activations, fold_bn,
+                         quant_layers, quantize_)
+
+CHECKPOINT_NAME = "qat_last.pt"
+METHODS = ("lsq", "ste")
+
+
+def _dist_env() -> bool:
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _setup_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group)."""
+    if not _dist_env():
+        return 0, 1, False
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _as_dataset(data: Any) -> Dataset:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        return TensorDataset(data[0], data[1])
+    if isinstance(data, Dataset):
+        return data
+    raise TypeError("train_data must be a Dataset of (x, y) items or an (inputs, labels) pair "
+                    f"of tensors, got {type(data).__name__}")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _bits_of(model: nn.Module) -> dict[str, int]:
+    return {n: m.weight_quantizer.bits for n, m in quant_layers(model)}
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
+        is_scale = name.endswith("quantizer.scale") or prm.dim() <= 1
+        (no_decay if is_scale else decay).append(prm)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def prepare_qat_model(model: nn.Module, bit_config: Any, calib: torch.Tensor, *,
+                      method: str = "lsq", act_bits: Union[int, dict, None] = None,
+                      quantize_input: bool = True, skip: Union[str, Sequence[str], None] = None,
+                      calib_batch: int = 128) -> nn.Module:
+    """Fold BN, quantize (symmetric per-channel weights) and calibrate activations (EMA).
+
+    `method="lsq"`: weight and activation step sizes are learned (LSQ, min-max initialised);
+    `method="ste"`: weight scales recomputed from the weights at every step (max|w| /
+    (2^(b−1) − 1)) and activation ranges fixed after calibration, straight-through gradients.
+    Deterministic: the same inputs give the same model on every process.
+    """
+    if method not in METHODS:
+        raise ValueError(f"qat method {method!r} unknown; valid: {', '.join(METHODS)}")
+    fold_bn(model, calib[:min(8, calib.size(0))])
+    mode = "lsq" if method == "lsq" else "nearest"
+    quantize_(model, bit_config, act_bits=act_bits, quantize_input=quantize_input,
+              weight_init="minmax", weight_symmetric=True, weight_mode=mode,
+              act_mode="fixed", skip=skip)
+    if method == "ste":
+        for m in model.modules():
+            if isinstance(m, WeightQuantizer):
+                m.dynamic = True
+    calibrate_activations(model, [calib[i:i + calib_batch]
+                                  for i in range(0, calib.size(0), calib_batch)])
+    if method == "lsq":
+        for aq in act_quantizers(model):
+            aq.set_mode("lsq")
+    return model
+
+
+def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
+        lr: float = 1e-4, batch_size: int = 128, method: str = "lsq", momentum: float = 0.9,
+        weight_decay: float = 1e-4, checkpoint_dir: Union[str, os.PathLike, None] = None,
+        resume: bool = True, seed: int = 0, act_bits: Union[int, dict, None] = None,
+        quantize_input: bool = True, skip: Union[str, Sequence[str], None] = None,
+        calib_samples: int = 512, max_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None, num_workers: int = 0,
+        progress: bool = True, stats: Optional[dict] = None) -> nn.Module:
+    """Quantization-aware training of a copy of `model` at `bit_config`; returns it (eval mode).
+
+    Args:
+        model: full-precision model (not modified).
+        bit_config: `BitConfig` or dict layer -> weight bits.
+        train_data: Dataset of `(x, y)` or an `(inputs, labels)` pair of tensors.
+        epochs: training epochs; lr: initial learning rate (cosine decay to 0 over all steps);
+        batch_size: global batch; method: "lsq" or "ste" (see `prepare_qat_model`).
+        momentum, weight_decay: SGD settings (weight decay not applied to biases and scales).
+        checkpoint_dir: where `qat_last.pt` is written after every epoch (rank 0, atomic).
+        resume: continue from `checkpoint_dir/qat_last.pt` when it exists.
+        seed: seeds the calibration sample, data order (seed + epoch) and global RNG.
+        calib_samples: samples for the activation range calibration (EMA).
+        max_steps: stop after this many optimizer steps counted from epoch 0 (simulates an
+            interruption; the partial epoch is not checkpointed).
+        stats: optional dict filled with "start_epoch", "steps", "seconds", "last_loss".
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    rank, world, created = _setup_distributed()
+    if device is None:
+        device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+                  if torch.cuda.is_available() else torch.device("cpu"))
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    t0 = time.perf_counter()
+    dataset = _as_dataset(train_data)
+    calib = sample_inputs(dataset, min(calib_samples, len(dataset)), seed).to(device)
+    net = prepare_qat_model(copy.deepcopy(model).to(device), bit_config, calib, method=method,
+                            act_bits=act_bits, quantize_input=quantize_input, skip=skip)
+    net.train()
+    torch.manual_seed(seed)
+    local_bs = max(1, batch_size // world)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=num_workers)
+    steps_per_epoch = len(loader)
+    opt = torch.optim.SGD(_param_groups(net, weight_decay), lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    start_epoch = 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        start_epoch = _load_checkpoint(ckpt_path, net, opt, sched, device)
+    ddp = nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    step = start_epoch * steps_per_epoch
+    loss = torch.zeros(())
+    interrupted = False
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        it = loader
+        if progress and rank == 0:
+            from tqdm import tqdm
+            it = tqdm(loader, desc=f"QAT epoch {epoch + 1}/{epochs}", leave=False)
+        for x, y in it:
+            if max_steps is not None and step >= max_steps:
+                interrupted = True
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            _clamp_scales(net)
+            step += 1
+        if interrupted:
+            break
+        if ckpt_path is not None and rank == 0:
+            save_atomic({"format": "ompq.QATCheckpoint", "version": 1,
+                         "model": net.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "rng": _rng_state(),
+                         "epoch": epoch, "sampler_epoch": epoch, "bits": _bits_of(net),
+                         "method": method, "epochs": epochs, "seed": seed}, ckpt_path)
+        if world > 1:
+            dist.barrier()
+        if rank == 0 and progress:
+            print(f"[ompq.qat] epoch {epoch + 1}/{epochs} loss {float(loss):.4f}", flush=True)
+    if created:
+        dist.destroy_process_group()
+    net.eval()
+    if stats is not None:
+        stats.update({"start_epoch": start_epoch, "steps": step, "interrupted": interrupted,
+                      "seconds": time.perf_counter() - t0, "last_loss": float(loss),
+                      "rank": rank, "world_size": world})
+    return net
+
+
+@torch.no_grad()
+def _clamp_scales(net: nn.Module) -> None:
+    for name, prm in net.named_parameters():
+        if name.endswith("quantizer.scale") and prm.requires_grad:
+            prm.clamp_(min=1e-8)
+
+
+def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                     device: torch.device) -> int:
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if ckpt.get("format") != "ompq.QATCheckpoint":
+        raise ValueError(f"{path}: not an ompq QAT checkpoint")
+    if ckpt["bits"] != _bits_of(net):
+        raise ValueError(f"{path}: checkpoint bits {ckpt['bits']} differ from the bit_config "
+                         f"{_bits_of(net)}; use another checkpoint_dir or resume=False")
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    rng = ckpt["rng"]
+    rng["torch"] = rng["torch"].cpu()
+    _set_rng_state(rng)
+    return int(ckpt["epoch"]) + 1
