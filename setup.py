@@ -24,7 +24,8 @@ def _extension():
         and os.environ.get("OMPQ_NO_CUDA", "0") != "1"
     )
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # -ffp-contract=off: no FMA contraction, so kernels round exactly like torch's elementwise ops.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     if os.environ.get("OMPQ_PORTABLE", "0") != "1":
         cxx.append("-march=native")
     extra = {"cxx": cxx}

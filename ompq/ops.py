@@ -42,17 +42,108 @@ def has_op(name: str) -> bool:
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                axis: Optional[int] = None) -> Tensor:
     """Fake-quantize x (per-tensor when axis is None, else per-channel along axis); STE backward."""
-    if has_op("fake_quant"):
+    if _HAS_FAKE_QUANT:
         return torch.ops.ompq.fake_quant(x, scale, zero_point, qmin, qmax, axis)
     return reference.fake_quant(x, scale, zero_point, qmin, qmax, axis)
 
 
 def lsq_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                    axis: Optional[int] = None, grad_factor: float = 1.0) -> Tensor:
-    """LSQ fake quantization with learned scale and zero point."""
-    if has_op("lsq_fake_quant"):
+    """LSQ fake quantization with learned scale and zero point.
+
+    The zero point is rounded (half to even) and clamped to [qmin, qmax] in the forward, as in
+    torch's `_fake_quantize_learnable_per_{tensor,channel}_affine`; gradients flow to x (STE,
+    zero outside the range), scale and zero_point (each multiplied by `grad_factor`).
+    """
+    if _HAS_LSQ:
         return torch.ops.ompq.lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor)
     return reference.lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor)
+
+
+# --- fake_quant / lsq_fake_quant: fake (meta) kernels and autograd for the compiled ops --------
+_HAS_FAKE_QUANT = has_op("fake_quant") and has_op("fake_quant_backward")
+_HAS_LSQ = has_op("lsq_fake_quant") and has_op("lsq_fake_quant_backward")
+
+
+def _check_fq_args(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                   axis: Optional[int]) -> None:
+    """Shape checks shared by the fake kernels (value checks need real data: done in C++)."""
+    torch._check(qmin < qmax, lambda: f"ompq fake quant: qmin ({qmin}) must be < qmax ({qmax})")
+    if axis is None:
+        torch._check(scale.numel() == 1 and zero_point.numel() == 1,
+                     lambda: "ompq fake quant: axis=None needs 1-element scale and zero_point")
+    else:
+        torch._check(-x.dim() <= axis < x.dim(),
+                     lambda: f"ompq fake quant: axis {axis} out of range for {x.dim()}-d x")
+        torch._check(scale.numel() == x.shape[axis] and zero_point.numel() == x.shape[axis],
+                     lambda: "ompq fake quant: scale/zero_point need one element per channel")
+
+
+def _fq_fake(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+             axis: Optional[int] = None) -> Tensor:
+    _check_fq_args(x, scale, zero_point, qmin, qmax, axis)
+    return x.new_empty(x.shape)
+
+
+def _fq_backward_fake(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
+                      qmax: int, axis: Optional[int] = None) -> Tensor:
+    _check_fq_args(x, scale, zero_point, qmin, qmax, axis)
+    return x.new_empty(x.shape)
+
+
+def _lsq_fake(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+              axis: Optional[int] = None, grad_factor: float = 1.0) -> Tensor:
+    _check_fq_args(x, scale, zero_point, qmin, qmax, axis)
+    return x.new_empty(x.shape)
+
+
+def _lsq_backward_fake(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
+                       qmax: int, axis: Optional[int] = None, grad_factor: float = 1.0
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_fq_args(x, scale, zero_point, qmin, qmax, axis)
+    zdt = zero_point.dtype if zero_point.is_floating_point() else torch.float32
+    return (x.new_empty(x.shape), scale.new_empty(scale.shape),
+            zero_point.new_empty(zero_point.shape, dtype=zdt))
+
+
+def _fq_setup_context(ctx, inputs, output) -> None:
+    x, scale, zero_point, qmin, qmax, axis = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.qargs = (qmin, qmax, axis)
+
+
+def _fq_backward(ctx, grad: Tensor):
+    x, scale, zero_point = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.ompq.fake_quant_backward(grad, x, scale, zero_point, *ctx.qargs)
+    return gx, None, None, None, None, None
+
+
+def _lsq_setup_context(ctx, inputs, output) -> None:
+    x, scale, zero_point, qmin, qmax, axis, grad_factor = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.qargs = (qmin, qmax, axis, grad_factor)
+
+
+def _lsq_backward(ctx, grad: Tensor):
+    x, scale, zero_point = ctx.saved_tensors
+    gx, gs, gz = torch.ops.ompq.lsq_fake_quant_backward(grad, x, scale, zero_point, *ctx.qargs)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gs if need[1] else None, gz if need[2] else None,
+            None, None, None, None)
+
+
+if _HAS_FAKE_QUANT:
+    torch.library.register_fake("ompq::fake_quant")(_fq_fake)
+    torch.library.register_fake("ompq::fake_quant_backward")(_fq_backward_fake)
+    torch.library.register_autograd("ompq::fake_quant", _fq_backward,
+                                    setup_context=_fq_setup_context)
+if _HAS_LSQ:
+    torch.library.register_fake("ompq::lsq_fake_quant")(_lsq_fake)
+    torch.library.register_fake("ompq::lsq_fake_quant_backward")(_lsq_backward_fake)
+    torch.library.register_autograd("ompq::lsq_fake_quant", _lsq_backward,
+                                    setup_context=_lsq_setup_context)
 
 
 def adaround_fake_quant(w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor, qmin: int,

@@ -1,0 +1,517 @@
+// Fake quantization (STE) and LSQ fake quantization, CPU kernels.
+//
+// Ops (namespace `ompq`, schemas declared here in a TORCH_LIBRARY_FRAGMENT):
+//   fake_quant(x, scale, zero_point, qmin, qmax, axis=None) -> y
+//   fake_quant_backward(grad, x, scale, zero_point, qmin, qmax, axis=None) -> grad_x
+//   lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis=None, grad_factor=1.0) -> y
+//   lsq_fake_quant_backward(grad, x, scale, zero_point, qmin, qmax, axis=None, grad_factor=1.0)
+//       -> (grad_x, grad_scale, grad_zero_point)
+//
+// Semantics (identical to torch's fake-quant kernels for float32, see ompq/reference.py):
+//   inv = 1.0f / scale                           (float32, like torch)
+//   q   = clamp(nearbyint(x * inv) + zp, qmin, qmax)      (round half to even)
+//   y   = (q - zp) * scale
+// fake_quant uses the zero point as given (it must lie in [qmin, qmax], like torch);
+// lsq_fake_quant first rounds (half to even) and clamps the zero point to [qmin, qmax], like
+// torch._fake_quantize_learnable_per_{tensor,channel}_affine.
+// Backward of fake_quant: grad * (qmin <= nearbyint(x * inv) + zp <= qmax).
+// Backward of lsq_fake_quant (torch's learnable formulas, computed from x; no saved mask):
+//   xq = nearbyint(zp + x * inv)
+//   inside:  grad_x = grad, grad_s += ((grad * ((clamp(xq) - zp) * s - x)) * inv) * grad_factor
+//   below:   grad_x = 0,    grad_s += (grad * (qmin - zp)) * grad_factor, grad_zp += -grad*s*gf
+//   above:   grad_x = 0,    grad_s += (grad * (qmax - zp)) * grad_factor, grad_zp += -grad*s*gf
+// NaN/Inf in x: +Inf saturates to qmax, -Inf and NaN to qmin (torch's per-tensor behaviour), and
+// all three count as "outside" for the gradients (grad_x = 0; NaN and -Inf as below, +Inf as
+// above). torch's per-channel and learnable kernels convert to int64 before clamping, which
+// overflows for |x / scale| >= 2**63 (including +-Inf): there they clamp such values to qmin.
+// We saturate consistently instead; finite values below that bound agree bit for bit.
+//
+// Layout: x is viewed as [outer, C, inner] with C = x.size(axis) (C = 1 for per-tensor). The
+// flat index range is cut into a fixed number of chunks (independent of the thread count, so
+// reductions are deterministic), chunks run in parallel (at::parallel_for), and each chunk walks
+// the rows of `inner` contiguous elements that share one channel with at::vec::Vectorized code.
+// float32 and float64 are computed natively; float16/bfloat16 are converted to float32 in small
+// blocks (as torch's reduced-precision kernels compute in float).
+
+// Use the widest at::vec implementation the compiler targets (setup.py builds with
+// -march=native unless OMPQ_PORTABLE=1; a portable build uses the generic implementation).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+namespace ompq {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (shared with the CUDA glue through the same messages).
+// ---------------------------------------------------------------------------------------------
+
+struct Layout {
+  int64_t outer = 1;
+  int64_t channels = 1;
+  int64_t inner = 1;
+  int64_t numel = 0;
+};
+
+Layout check_and_layout(const char* op, const Tensor& x, const Tensor& scale,
+                        const Tensor& zero_point, int64_t qmin, int64_t qmax,
+                        c10::optional<int64_t> axis) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "ompq.", op, ": x must be a floating-point tensor (float32, float64, float16 or "
+              "bfloat16), got ", dt);
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()),
+              "ompq.", op, ": scale must be a floating-point tensor, got ", scale.scalar_type());
+  TORCH_CHECK(at::isFloatingType(zero_point.scalar_type()) ||
+                  at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false),
+              "ompq.", op, ": zero_point must be a float or integer tensor, got ",
+              zero_point.scalar_type());
+  TORCH_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
+              "ompq.", op, ": scale (", scale.device(), ") and zero_point (",
+              zero_point.device(), ") must be on the same device as x (", x.device(), ")");
+  TORCH_CHECK(qmin < qmax, "ompq.", op, ": qmin (", qmin, ") must be smaller than qmax (", qmax,
+              ")");
+  TORCH_CHECK(qmax - qmin <= 65535 && qmin >= -65536 && qmax <= 65535,
+              "ompq.", op, ": [qmin, qmax] = [", qmin, ", ", qmax,
+              "] is not a range of at most 16 bits (need qmax - qmin <= 65535 and "
+              "-65536 <= qmin, qmax <= 65535)");
+  Layout l;
+  l.numel = x.numel();
+  if (!axis.has_value()) {
+    TORCH_CHECK(scale.numel() == 1 && zero_point.numel() == 1,
+                "ompq.", op, ": per-tensor quantization (axis=None) needs 1-element scale and "
+                "zero_point, got scale with ", scale.numel(), " and zero_point with ",
+                zero_point.numel(), " elements (pass axis=... for per-channel)");
+    l.inner = l.numel;
+    return l;
+  }
+  const int64_t dim = x.dim();
+  const int64_t a = *axis;
+  TORCH_CHECK(dim > 0 && a >= -dim && a < dim,
+              "ompq.", op, ": axis ", a, " is out of range for x with ", dim,
+              " dimensions (valid: ", (dim > 0 ? -dim : 0), "..", (dim > 0 ? dim - 1 : -1),
+              ", or None for per-tensor)");
+  const int64_t ax = a < 0 ? a + dim : a;
+  l.channels = x.size(ax);
+  for (int64_t d = 0; d < ax; ++d) l.outer *= x.size(d);
+  for (int64_t d = ax + 1; d < dim; ++d) l.inner *= x.size(d);
+  TORCH_CHECK(scale.numel() == l.channels,
+              "ompq.", op, ": scale has ", scale.numel(), " elements but x.size(", ax, ") = ",
+              l.channels, " channels (per-channel quantization needs one scale per channel)");
+  TORCH_CHECK(zero_point.numel() == l.channels,
+              "ompq.", op, ": zero_point has ", zero_point.numel(), " elements but x.size(", ax,
+              ") = ", l.channels, " channels (one zero point per channel)");
+  return l;
+}
+
+std::string channel_name(int64_t c, int64_t channels) {
+  if (channels == 1) return "";
+  std::ostringstream os;
+  os << " of channel " << c;
+  return os.str();
+}
+
+// Per-channel parameters as float32: scale, 1/scale and the (possibly rounded) zero point.
+struct Params {
+  std::vector<float> scale, inv, zp;
+};
+
+Params read_params(const char* op, const Tensor& scale, const Tensor& zero_point, int64_t qmin,
+                   int64_t qmax, bool round_zero_point) {
+  const Tensor s = scale.detach().to(at::kCPU, at::kFloat).contiguous().reshape({-1});
+  const Tensor z = zero_point.detach().to(at::kCPU, at::kFloat).contiguous().reshape({-1});
+  const int64_t n = s.numel();
+  Params p;
+  p.scale.resize(n);
+  p.inv.resize(n);
+  p.zp.resize(n);
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  for (int64_t c = 0; c < n; ++c) {
+    const float sc = sp[c];
+    TORCH_CHECK(std::isfinite(sc) && sc > 0.0f,
+                "ompq.", op, ": scale must be positive and finite, got ", sc,
+                channel_name(c, n));
+    const float inv = 1.0f / sc;
+    TORCH_CHECK(std::isfinite(inv),
+                "ompq.", op, ": scale ", sc, channel_name(c, n),
+                " is too small (its inverse overflows float32; use a scale >= ",
+                1.0f / std::numeric_limits<float>::max(), ")");
+    float zv = zp[c];
+    TORCH_CHECK(std::isfinite(zv), "ompq.", op, ": zero_point must be finite, got ", zv,
+                channel_name(c, n));
+    if (round_zero_point) {
+      zv = std::min(std::max(std::nearbyint(zv), static_cast<float>(qmin)),
+                    static_cast<float>(qmax));
+    } else {
+      TORCH_CHECK(zv >= static_cast<float>(qmin) && zv <= static_cast<float>(qmax),
+                  "ompq.", op, ": zero_point ", zv, channel_name(c, n), " is outside [qmin, qmax] = [",
+                  qmin, ", ", qmax, "]");
+    }
+    p.scale[c] = sc;
+    p.inv[c] = inv;
+    p.zp[c] = zv;
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element kernels on contiguous segments that share one channel. T is float or double.
+// The scalar tails repeat the vector arithmetic operation by operation (no FMA contraction:
+// the extension is built with -ffp-contract=off), so results do not depend on alignment.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Coef {
+  T s, inv, z, qmin, qmax, gf;
+};
+
+template <typename T>
+inline T fq_scalar(T x, const Coef<T>& k) {
+  T q = std::nearbyint(x * k.inv) + k.z;
+  if (!(q >= k.qmin)) q = k.qmin;  // NaN and -Inf go to qmin
+  if (q > k.qmax) q = k.qmax;
+  return (q - k.z) * k.s;
+}
+
+template <typename T>
+void fq_forward_seg(const T* x, T* y, int64_t n, const Coef<T>& k) {
+  using V = Vectorized<T>;
+  const V vinv(k.inv), vs(k.s), vz(k.z), vqmin(k.qmin), vqmax(k.qmax);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    V q = (V::loadu(x + i) * vinv).round() + vz;
+    q = V::blendv(vqmin, q, q >= vqmin);  // below or NaN -> qmin
+    q = V::blendv(q, vqmax, q > vqmax);
+    ((q - vz) * vs).store(y + i);
+  }
+  for (; i < n; ++i) y[i] = fq_scalar(x[i], k);
+}
+
+template <typename T>
+void fq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k) {
+  using V = Vectorized<T>;
+  const V vinv(k.inv), vz(k.z), vqmin(k.qmin), vqmax(k.qmax), one(T(1));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    const V q = (V::loadu(x + i) * vinv).round() + vz;
+    const V inside = (q >= vqmin) & (q <= vqmax) & one;  // 1 or 0 (NaN -> 0)
+    (V::loadu(g + i) * inside).store(gx + i);           // multiply, like torch: Inf*0 = NaN
+  }
+  for (; i < n; ++i) {
+    const T q = std::nearbyint(x[i] * k.inv) + k.z;
+    gx[i] = g[i] * static_cast<T>(q >= k.qmin && q <= k.qmax);
+  }
+}
+
+template <typename T>
+inline void lsq_scalar(T g, T x, T* gx, double& ds, double& dz, const Coef<T>& k) {
+  const T xq = std::nearbyint(k.z + x * k.inv);
+  const bool inside = xq >= k.qmin && xq <= k.qmax;
+  *gx = g * static_cast<T>(inside);
+  if (inside) {
+    const T xfq = (xq - k.z) * k.s;
+    ds += static_cast<double>(((g * (xfq - x)) * k.inv) * k.gf);
+  } else {
+    const T bound = (xq > k.qmax) ? (k.qmax - k.z) : (k.qmin - k.z);  // NaN counts as below
+    ds += static_cast<double>((g * bound) * k.gf);
+    dz += static_cast<double>(((g * T(-1)) * k.s) * k.gf);
+  }
+}
+
+template <typename T>
+double hsum(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  double s = 0.0;
+  for (int j = 0; j < Vectorized<T>::size(); ++j) s += static_cast<double>(buf[j]);
+  return s;
+}
+
+template <typename T>
+void lsq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k, double& ds,
+                      double& dz) {
+  using V = Vectorized<T>;
+  const V vinv(k.inv), vs(k.s), vz(k.z), vqmin(k.qmin), vqmax(k.qmax), vgf(k.gf), one(T(1));
+  const V vlow(k.qmin - k.z), vhigh(k.qmax - k.z), vneg_s(T(-1)), zero(T(0));
+  constexpr int64_t kFlush = 512;  // vectors accumulated in T before flushing into double
+  int64_t i = 0;
+  while (i + V::size() <= n) {
+    V acc_s(T(0)), acc_z(T(0));
+    const int64_t stop = std::min<int64_t>(n - V::size() + 1, i + kFlush * V::size());
+    for (; i < stop; i += V::size()) {
+      const V gv = V::loadu(g + i);
+      const V xv = V::loadu(x + i);
+      const V xq = (vz + xv * vinv).round();
+      const V in_mask = (xq >= vqmin) & (xq <= vqmax);
+      const V hi_mask = xq > vqmax;
+      (gv * (in_mask & one)).store(gx + i);
+      const V xc = V::blendv(V::blendv(vqmin, xq, xq >= vqmin), vqmax, hi_mask);
+      const V ds_in = ((gv * ((xc - vz) * vs - xv)) * vinv) * vgf;
+      const V ds_out = (gv * V::blendv(vlow, vhigh, hi_mask)) * vgf;
+      acc_s = acc_s + V::blendv(ds_out, ds_in, in_mask);
+      acc_z = acc_z + V::blendv(((gv * vneg_s) * vs) * vgf, zero, in_mask);
+    }
+    ds += hsum(acc_s);
+    dz += hsum(acc_z);
+  }
+  for (; i < n; ++i) lsq_scalar(g[i], x[i], gx + i, ds, dz, k);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked, parallel traversal of [outer, C, inner].
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kMinChunk = 16384;  // elements per chunk (at least)
+constexpr int64_t kMaxChunks = 64;
+
+int64_t num_chunks(const Layout& l) {
+  int64_t k = std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, l.numel / kMinChunk));
+  // Bound the per-chunk, per-channel partial sums to ~1M doubles.
+  k = std::min<int64_t>(k, std::max<int64_t>(1, (int64_t(1) << 20) / l.channels));
+  return k;
+}
+
+// Calls f(chunk, begin, length, channel) for every run of elements that share one channel.
+template <typename F>
+void for_each_run(const Layout& l, F&& f) {
+  const int64_t n = l.numel;
+  if (n == 0) return;
+  const int64_t chunks = num_chunks(l);
+  at::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
+    for (int64_t k = kb; k < ke; ++k) {
+      const int64_t b = n * k / chunks;
+      const int64_t e = n * (k + 1) / chunks;
+      int64_t pos = b;
+      int64_t row = b / l.inner;
+      while (pos < e) {
+        const int64_t row_end = std::min(e, (row + 1) * l.inner);
+        f(k, pos, row_end - pos, row % l.channels);
+        pos = row_end;
+        ++row;
+      }
+    }
+  });
+}
+
+template <typename T>
+Coef<T> coef(const Params& p, int64_t c, int64_t qmin, int64_t qmax, double gf) {
+  return Coef<T>{static_cast<T>(p.scale[c]), static_cast<T>(p.inv[c]), static_cast<T>(p.zp[c]),
+                 static_cast<T>(qmin),       static_cast<T>(qmax),     static_cast<T>(static_cast<float>(gf))};
+}
+
+// Reduced precision (Half/BFloat16): convert blocks to float, run the float kernel, convert back.
+constexpr int64_t kBlock = 256;
+
+template <typename S>
+void forward_run(const S* x, S* y, int64_t n, const Coef<float>& k) {
+  float xb[kBlock], yb[kBlock];
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    for (int64_t j = 0; j < m; ++j) xb[j] = static_cast<float>(x[i + j]);
+    fq_forward_seg<float>(xb, yb, m, k);
+    for (int64_t j = 0; j < m; ++j) y[i + j] = static_cast<S>(yb[j]);
+  }
+}
+
+template <typename S>
+void backward_run(const S* g, const S* x, S* gx, int64_t n, const Coef<float>& k) {
+  float gb[kBlock], xb[kBlock], ob[kBlock];
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    for (int64_t j = 0; j < m; ++j) {
+      gb[j] = static_cast<float>(g[i + j]);
+      xb[j] = static_cast<float>(x[i + j]);
+    }
+    fq_backward_seg<float>(gb, xb, ob, m, k);
+    for (int64_t j = 0; j < m; ++j) gx[i + j] = static_cast<S>(ob[j]);
+  }
+}
+
+template <typename S>
+void lsq_run(const S* g, const S* x, S* gx, int64_t n, const Coef<float>& k, double& ds,
+             double& dz) {
+  float gb[kBlock], xb[kBlock], ob[kBlock];
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    for (int64_t j = 0; j < m; ++j) {
+      gb[j] = static_cast<float>(g[i + j]);
+      xb[j] = static_cast<float>(x[i + j]);
+    }
+    lsq_backward_seg<float>(gb, xb, ob, m, k, ds, dz);
+    for (int64_t j = 0; j < m; ++j) gx[i + j] = static_cast<S>(ob[j]);
+  }
+}
+
+// Native float/double versions.
+#define OMPQ_NATIVE(T)                                                                      \
+  void forward_run(const T* x, T* y, int64_t n, const Coef<T>& k) {                          \
+    fq_forward_seg<T>(x, y, n, k);                                                            \
+  }                                                                                           \
+  void backward_run(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k) {            \
+    fq_backward_seg<T>(g, x, gx, n, k);                                                       \
+  }                                                                                           \
+  void lsq_run(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k, double& ds,       \
+               double& dz) {                                                                  \
+    lsq_backward_seg<T>(g, x, gx, n, k, ds, dz);                                              \
+  }
+OMPQ_NATIVE(float)
+OMPQ_NATIVE(double)
+#undef OMPQ_NATIVE
+
+template <typename S>
+using compute_t = std::conditional_t<std::is_same<S, double>::value, double, float>;
+
+#define OMPQ_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// ---------------------------------------------------------------------------------------------
+// Ops.
+// ---------------------------------------------------------------------------------------------
+
+Tensor fake_quant_impl(const char* op, const Tensor& x_, const Tensor& scale,
+                       const Tensor& zero_point, int64_t qmin, int64_t qmax,
+                       c10::optional<int64_t> axis, bool round_zero_point) {
+  const Layout l = check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  const Params p = read_params(op, scale, zero_point, qmin, qmax, round_zero_point);
+  const Tensor x = x_.contiguous();
+  Tensor y = at::empty_like(x);
+  OMPQ_DISPATCH(x.scalar_type(), "ompq_fake_quant", [&] {
+    using T = compute_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    for_each_run(l, [&](int64_t, int64_t b, int64_t len, int64_t c) {
+      forward_run(xp + b, yp + b, len, coef<T>(p, c, qmin, qmax, 1.0));
+    });
+  });
+  return y;
+}
+
+void check_grad(const char* op, const Tensor& grad, const Tensor& x) {
+  TORCH_CHECK(grad.sizes() == x.sizes(), "ompq.", op, ": grad has shape ", grad.sizes(),
+              " but x has shape ", x.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "ompq.", op, ": grad dtype ",
+              grad.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(grad.device() == x.device(), "ompq.", op, ": grad is on ", grad.device(),
+              " but x is on ", x.device());
+}
+
+Tensor fake_quant_cpu(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                      int64_t qmin, int64_t qmax, c10::optional<int64_t> axis) {
+  return fake_quant_impl("fake_quant", x, scale, zero_point, qmin, qmax, axis, false);
+}
+
+Tensor lsq_fake_quant_cpu(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                          int64_t qmin, int64_t qmax, c10::optional<int64_t> axis,
+                          double grad_factor) {
+  (void)grad_factor;  // only used by the backward
+  return fake_quant_impl("lsq_fake_quant", x, scale, zero_point, qmin, qmax, axis, true);
+}
+
+Tensor fake_quant_backward_cpu(const Tensor& grad_, const Tensor& x_, const Tensor& scale,
+                               const Tensor& zero_point, int64_t qmin, int64_t qmax,
+                               c10::optional<int64_t> axis) {
+  const char* op = "fake_quant_backward";
+  const Layout l = check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  check_grad(op, grad_, x_);
+  const Params p = read_params(op, scale, zero_point, qmin, qmax, false);
+  const Tensor x = x_.contiguous();
+  const Tensor grad = grad_.contiguous();
+  Tensor gx = at::empty_like(x);
+  OMPQ_DISPATCH(x.scalar_type(), "ompq_fake_quant_backward", [&] {
+    using T = compute_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    for_each_run(l, [&](int64_t, int64_t b, int64_t len, int64_t c) {
+      backward_run(gp + b, xp + b, op_ + b, len, coef<T>(p, c, qmin, qmax, 1.0));
+    });
+  });
+  return gx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cpu(
+    const Tensor& grad_, const Tensor& x_, const Tensor& scale, const Tensor& zero_point,
+    int64_t qmin, int64_t qmax, c10::optional<int64_t> axis, double grad_factor) {
+  const char* op = "lsq_fake_quant_backward";
+  const Layout l = check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  check_grad(op, grad_, x_);
+  TORCH_CHECK(std::isfinite(grad_factor), "ompq.", op, ": grad_factor must be finite, got ",
+              grad_factor);
+  const Params p = read_params(op, scale, zero_point, qmin, qmax, true);
+  const Tensor x = x_.contiguous();
+  const Tensor grad = grad_.contiguous();
+  Tensor gx = at::empty_like(x);
+  const int64_t chunks = l.numel > 0 ? num_chunks(l) : 1;
+  // Per-chunk, per-channel partial sums (double), reduced in chunk order: deterministic.
+  std::vector<double> part_s(chunks * l.channels, 0.0), part_z(chunks * l.channels, 0.0);
+  OMPQ_DISPATCH(x.scalar_type(), "ompq_lsq_fake_quant_backward", [&] {
+    using T = compute_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    for_each_run(l, [&](int64_t k, int64_t b, int64_t len, int64_t c) {
+      double ds = 0.0, dz = 0.0;
+      lsq_run(gp + b, xp + b, op_ + b, len, coef<T>(p, c, qmin, qmax, grad_factor), ds, dz);
+      part_s[k * l.channels + c] += ds;
+      part_z[k * l.channels + c] += dz;
+    });
+  });
+  std::vector<double> sum_s(l.channels, 0.0), sum_z(l.channels, 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < l.channels; ++c) {
+      sum_s[c] += part_s[k * l.channels + c];
+      sum_z[c] += part_z[k * l.channels + c];
+    }
+  }
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  Tensor gs = at::from_blob(sum_s.data(), {l.channels}, opts)
+                  .to(scale.scalar_type())
+                  .reshape(scale.sizes());
+  Tensor gz = at::from_blob(sum_z.data(), {l.channels}, opts);
+  gz = (at::isFloatingType(zero_point.scalar_type()) ? gz.to(zero_point.scalar_type())
+                                                     : gz.to(at::kFloat))
+           .reshape(zero_point.sizes());
+  return std::make_tuple(gx, gs, gz);
+}
+
+}  // namespace
+}  // namespace ompq
+
+TORCH_LIBRARY_FRAGMENT(ompq, m) {
+  m.def("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, "
+        "int? axis=None) -> Tensor");
+  m.def("fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, "
+        "int qmax, int? axis=None) -> Tensor");
+  m.def("lsq_fake_quant(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, "
+        "int? axis=None, float grad_factor=1.0) -> Tensor");
+  m.def("lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
+        "int qmin, int qmax, int? axis=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ompq, CPU, m) {
+  m.impl("fake_quant", &ompq::fake_quant_cpu);
+  m.impl("fake_quant_backward", &ompq::fake_quant_backward_cpu);
+  m.impl("lsq_fake_quant", &ompq::lsq_fake_quant_cpu);
+  m.impl("lsq_fake_quant_backward", &ompq::lsq_fake_quant_backward_cpu);
+}
