@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <cstdint>
 #include <vector>
@@ -196,13 +197,13 @@ void gram_impl(const T* x, int64_t n, int64_t d, int64_t ld, float* out) {
 }
 
 at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() >= 2,
+  TORCH_CHECK_VALUE(x_in.dim() >= 2,
               "centered_gram: expected an N×D matrix (N samples along dim 0, features flattened), "
               "got a ", x_in.dim(), "-D tensor of shape ", x_in.sizes());
   const int64_t n = x_in.size(0);
-  TORCH_CHECK(n >= 2, "centered_gram: need at least 2 samples (rows) to centre, got N = ", n);
+  TORCH_CHECK_VALUE(n >= 2, "centered_gram: need at least 2 samples (rows) to centre, got N = ", n);
   const auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "centered_gram: unsupported dtype ", dtype,
               "; expected float32, float16 or bfloat16 (convert with .float())");
   at::Tensor x = x_in.reshape({n, -1});
@@ -219,7 +220,7 @@ at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
   } else {
     gram_impl(x.const_data_ptr<at::BFloat16>(), n, d, ld, o);
   }
-  TORCH_CHECK(at::isfinite(out).all().item<bool>(),
+  TORCH_CHECK_VALUE(at::isfinite(out).all().item<bool>(),
               "centered_gram: the input contains NaN or Inf (or values so large that the fp32 "
               "Gram overflows); clean or rescale the features first");
   return out;
