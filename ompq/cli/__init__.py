@@ -1,0 +1,63 @@
+"""`ompq` command line: one argparse parser, one module per command (`ompq/cli/<name>.py`).
+
+Each command module defines `add_parser(subparsers)` (registering its sub-parser and setting
+`func=run` through `set_defaults`) and `run(args) -> int`. Commands are listed in `COMMANDS`;
+a name in `OPTIONAL_COMMANDS` whose module does not exist (yet) is skipped, any other import
+error is raised.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ["profile", "allocate"]
+OPTIONAL_COMMANDS = ("demo", "quantize", "eval", "export", "report")
+
+
+def _load(name: str):
+    module_name = f"{__name__}.{name}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if name in OPTIONAL_COMMANDS and err.name == module_name:
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `ompq` parser with one sub-parser per available command."""
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ompq", description="Fast, model-agnostic mixed-precision quantization "
+        "(OMPQ: layer orthogonality + exact integer bit allocation).")
+    parser.add_argument("--version", action="version", version=f"ompq {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = _load(name)
+        if module is not None:
+            module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the `ompq` command line; returns the exit status (0 success, 1 error, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"ompq {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`ompq allocate`: per-layer bit-widths under a size and/or BOPs budget (exact ILP)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import (add_json_arg, parse_float_list, parse_int_list, print_table,
+                      resolve_data, resolve_model, write_json_output)
+from .profile import add_profile_args, compute_profile
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("allocate", help="choose per-layer bits under a budget",
+                              description="Allocate weight bits per layer: exact integer optimum "
+                              "of the OMPQ objective under --size-mb and/or --bops-g. Give a saved "
+                              "--profile, or a model (profiled first).")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="a Profile JSON from `ompq profile --json` (else the model is profiled)")
+    add_profile_args(p)
+    p.add_argument("--size-mb", default=None, metavar="S",
+                   help="weight size budget in MiB; a comma list gives a Pareto sweep")
+    p.add_argument("--bops-g", default=None, metavar="B",
+                   help="BOPs budget in G per sample; a comma list gives a Pareto sweep")
+    p.add_argument("--bits", default="2,3,4,5,6,8", help="candidate bits (default 2,3,4,5,6,8)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation bits (default 8)")
+    p.add_argument("--pin", action="append", default=[], metavar="PAT=BITS",
+                   help="fix layers matching PAT to BITS (repeatable), e.g. --pin conv1=8")
+    p.add_argument("--tie", action="append", default=[], metavar="A,B,...",
+                   help="layers (names/globs) that get equal bits (repeatable)")
+    p.add_argument("--beta", type=float, default=None, help="importance temperature (default 3)")
+    p.add_argument("--method", choices=("ilp", "lp-round"), default="ilp")
+    p.add_argument("--proxy", default="orm", help="orm (default), hawq, uniform or random")
+    p.add_argument("--time-limit", type=float, default=30.0, help="solver limit in s per budget")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def _pins(items: list[str]) -> dict[str, int]:
+    pins = {}
+    for item in items:
+        name, sep, bits = item.rpartition("=")
+        if not sep or not name:
+            raise ValueError(f"--pin expects PATTERN=BITS, got {item!r}")
+        pins[name] = parse_int_list(bits, f"--pin {item!r}")[0] if bits else -1
+    return pins
+
+
+def _load_inputs(args: argparse.Namespace):
+    """(profile, model or None, data or None): the model/data only when needed."""
+    from ..profile import Profile
+
+    model = desc = data = None
+    if args.proxy != "orm" or not args.profile:
+        model, desc = resolve_model(args.model)
+        data = resolve_data(args.data, args.split, seed=args.seed)
+    if args.profile:
+        return Profile.from_json(args.profile), model, data
+    return compute_profile(args, model, desc, data), model, data
+
+
+def _print_configs(prof, configs) -> None:
+    if len(configs) == 1:
+        c = configs[0]
+        rows = [(layer.name, layer.kind, layer.params, layer.macs, round(c.importance[layer.name], 4),
+                 c.weight_bits[layer.name], c.act_bits[layer.name]) for layer in prof.layers]
+        print_table(rows, ["layer", "kind", "params", "MACs", "importance", "w_bits", "a_bits"])
+    else:
+        rows = [[layer.name, layer.params] + [c.weight_bits[layer.name] for c in configs]
+                for layer in prof.layers]
+        print_table(rows, ["layer", "params"] + [f"#{k}" for k in range(len(configs))])
+    print()
+    rows = []
+    for k, c in enumerate(configs):
+        b = c.budget
+        mean = sum(c.weight_bits.values()) / max(len(c.weight_bits), 1)
+        rows.append((k, "-" if b.get("size_mb") is None else b["size_mb"], round(c.size_mb, 5),
+                     "-" if b.get("bops_g") is None else b["bops_g"], round(c.bops_g, 4),
+                     round(mean, 3), c.status, round(c.objective, 4), round(c.search_seconds, 3)))
+    print_table(rows, ["#", "budget MiB", "size MiB", "budget GBOPs", "GBOPs", "mean bits",
+                       "status", "objective", "seconds"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..allocate import DEFAULT_BETA, allocate, save_bit_configs
+
+    sizes = parse_float_list(args.size_mb, "--size-mb")
+    bops = parse_float_list(args.bops_g, "--bops-g")
+    if sizes is None and bops is None:
+        raise ValueError("give a budget: --size-mb S and/or --bops-g B")
+    prof, model, data = _load_inputs(args)
+    tie = [[t for t in group.split(",") if t] for group in args.tie] or None
+    configs = allocate(prof, size_mb=sizes, bops_g=bops,
+                       bits=parse_int_list(args.bits, "--bits"), act_bits=args.act_bits,
+                       pin=_pins(args.pin) or None, tie=tie,
+                       beta=DEFAULT_BETA if args.beta is None else args.beta,
+                       method=args.method, proxy=args.proxy, model=model, data=data,
+                       seed=args.seed,
+                       time_limit_s=args.time_limit, progress=args.progress)
+    print(f"allocated {len(prof.layers)} layers of {prof.model} ({args.method}, proxy "
+          f"{args.proxy})", file=sys.stderr)
+    _print_configs(prof, configs)
+    if args.json:
+        text = configs[0].to_json() if len(configs) == 1 else save_bit_configs(configs)
+        write_json_output(text, args.json)
+    return 0
