@@ -15,8 +15,18 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (warns once if the compiled extension is missing)
 
-# NOTE (coordinator): the public functions whose names equal their module's name (profile,
-# allocate, ptq, qat, evaluate) are imported eagerly here once those modules exist.
+# Functions named like their module (profile, allocate, ptq, qat, evaluate) are bound eagerly so
+# that `ompq.profile` is always the function, whatever imports the submodule first. These modules
+# import heavy optional dependencies (ortools, matplotlib, onnx) lazily.
+from .layers import LayerInfo, find_layers, measure_layers  # noqa: E402
+from .orm import orm_from_grams, orm_matrix  # noqa: E402
+from .profile import Profile, profile  # noqa: E402
+from .allocate import BitConfig, InfeasibleBudgetError, allocate  # noqa: E402
+from .quantizers import quantize_  # noqa: E402
+from .ptq import ptq  # noqa: E402
+from .qat import qat  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+
 _LAZY = {
     # name: (module, attribute or None for the module itself)
     "zoo": ("zoo", None),
@@ -38,4 +48,8 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = sorted(_LAZY) + ["ops", "__version__"]
+__all__ = sorted(_LAZY) + [
+    "ops", "__version__", "LayerInfo", "find_layers", "measure_layers", "orm_matrix",
+    "orm_from_grams", "Profile", "profile", "BitConfig", "InfeasibleBudgetError", "allocate",
+    "quantize_", "ptq", "qat", "evaluate",
+]
