@@ -175,7 +175,8 @@ def train(model_name: str = "resnet20", epochs: int = 10, out: str | os.PathLike
                 loss.backward()
                 opt.step()
                 scheduler.step()
-                running = 0.9 * running + 0.1 * float(loss.detach()) if step else float(loss.detach())
+                value = float(loss.detach())
+                running = 0.9 * running + 0.1 * value if step else value
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{running:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}")
         bar.close()
