@@ -224,6 +224,6 @@ def measure_layers(model: nn.Module, example_input: Any,
             h.remove()
     not_run = [n for n in names if n not in infos]
     if not_run:
-        raise ValueError(f"layer(s) {_preview(not_run)} did not run in the forward pass; "
+        raise ValueError(f"layer(s) {_preview([repr(n) for n in not_run])} did not run in the forward pass; "
                          "exclude them (exclude=...)")
     return list(infos.values())

@@ -31,8 +31,11 @@ from torch import Tensor
 from . import ops
 
 MIN_SAMPLES = 4
-# A Gram whose Frobenius norm is below this fraction of the largest one counts as zero (constant
-# feature): fp32 centring of a constant leaves only rounding noise.
+# A feature counts as constant when its total centred variance (trace of the centred Gram) is at
+# most this fraction of its raw energy Σ_n ‖x_n‖² (`scales`): fp32 centring of a constant leaves
+# rounding noise of relative size ~1e-7, i.e. a ratio ~1e-14. Without `scales`, a Gram whose
+# Frobenius norm is below `_ZERO_REL` times the largest one counts as zero.
+_CONST_REL = 1e-10
 _ZERO_REL = 1e-12
 
 
@@ -74,10 +77,13 @@ def u_center(grams: Tensor) -> Tensor:
 
 
 def orm_from_grams(grams: Tensor, debiased: bool = False,
-                   names: Optional[Sequence[str]] = None) -> Tensor:
+                   names: Optional[Sequence[str]] = None,
+                   scales: Optional[Tensor] = None) -> Tensor:
     """L×L float64 ORM from stacked centred Grams (L×N×N, any float dtype).
 
     One L×N² @ N²×L product of Frobenius-normalised Grams. `names` only improves messages.
+    `scales` (optional, length L): each feature's raw energy Σ_n ‖x_n‖² (or an estimate), used to
+    detect constant features robustly (see `_CONST_REL`).
     """
     if not isinstance(grams, Tensor) or grams.dim() != 3 or grams.shape[1] != grams.shape[2]:
         shape = tuple(grams.shape) if isinstance(grams, Tensor) else type(grams).__name__
@@ -93,12 +99,17 @@ def orm_from_grams(grams: Tensor, debiased: bool = False,
         bad = int((~finite).nonzero()[0, 0])
         raise ValueError(f"layer {_layer_name(names, bad)} has a non-finite feature (inf/NaN, or "
                          "values too large for a float32 Gram); check the model and its inputs")
+    trace = g.diagonal(dim1=1, dim2=2).sum(dim=1)
     if debiased:
         g = u_center(g)
     flat = g.reshape(num, n * n)
     norms = torch.linalg.vector_norm(flat, dim=1)
-    scale = float(norms.max()) if num else 0.0
-    zero = norms <= _ZERO_REL * scale if scale > 0 else torch.ones_like(norms, dtype=torch.bool)
+    if scales is not None:
+        energy = torch.as_tensor(scales, dtype=torch.float64, device=g.device).reshape(num)
+        zero = (norms == 0) | (trace <= _CONST_REL * energy)
+    else:
+        top = float(norms.max())
+        zero = norms <= _ZERO_REL * top if top > 0 else torch.ones_like(norms, dtype=torch.bool)
     for i in zero.nonzero().flatten().tolist():
         warnings.warn(f"layer {_layer_name(names, i)} has a constant feature over the samples "
                       "(zero centred Gram); its ORM to every other layer is set to 0",
@@ -144,4 +155,5 @@ def orm_matrix(features: Sequence[Tensor], debiased: bool = False,
             raise ValueError(f"feature {_layer_name(names, i)} has non-finite values (inf/NaN)")
     dtype = torch.float64 if any(f.dtype == torch.float64 for f in feats) else torch.float32
     grams = torch.stack([feature_gram(f).to(dtype) for f in feats])
-    return orm_from_grams(grams, debiased=debiased, names=names)
+    energy = torch.stack([f.double().square().sum() for f in feats])
+    return orm_from_grams(grams, debiased=debiased, names=names, scales=energy)

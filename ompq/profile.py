@@ -217,6 +217,7 @@ class _Recorder:
         self.feature = feature
         self.pbar = pbar
         self.grams: dict[str, Tensor] = {}
+        self.energy: dict[str, float] = {}
         self.infos: dict[str, LayerInfo] = {}
         self.pending_name: Optional[str] = None
         self.pending: Optional[Tensor] = None
@@ -234,12 +235,16 @@ class _Recorder:
         gram = feature_gram(x)
         if gram.dtype != torch.float32:
             gram = gram.float()
+        # raw-energy estimate N·‖x_0‖² (one sample: cheap) to tell constant features apart
+        energy = float(x[0].double().square().sum()) * x.shape[0]
         self.gram_seconds += time.perf_counter() - t0
         self.gram_calls += 1
         if name in self.grams:
             self.grams[name] += gram
+            self.energy[name] += energy
         else:
             self.grams[name] = gram
+            self.energy[name] = energy
             if self.pbar is not None:
                 self.pbar.update(1)
 
@@ -365,12 +370,13 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
             pbar.close()
     not_run = [n for n, _ in layers if n not in rec.infos]
     if not_run:
-        raise ValueError(f"layer(s) {not_run[:8]} did not run in the forward pass; exclude them "
-                         "(exclude=...)")
+        raise ValueError(f"layer(s) {', '.join(repr(n) for n in not_run[:8])} did not run in "
+                         "the forward pass; exclude them (exclude=...)")
     order = list(rec.infos)
     t1 = time.perf_counter()
     grams = torch.stack([rec.grams[n] for n in order])
-    orm = orm_from_grams(grams, debiased=debiased, names=order).cpu()
+    energy = torch.tensor([rec.energy[n] for n in order], dtype=torch.float64)
+    orm = orm_from_grams(grams, debiased=debiased, names=order, scales=energy).cpu()
     t_orm = time.perf_counter() - t1
     timings = {"forward": t_forward - rec.gram_seconds, "gram": rec.gram_seconds, "orm": t_orm,
                "total": time.perf_counter() - t_start}
