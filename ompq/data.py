@@ -230,17 +230,21 @@ def imagefolder(path: Union[str, os.PathLike], split: Optional[str] = None,
 
 
 # --------------------------------------------------------------------------- helpers
-def load_dataset(spec: str, split: str = "test") -> Dataset:
+def load_dataset(spec: str, split: str = "test", **imagefolder_kwargs) -> Dataset:
     """Resolve a dataset spec: ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
 
     For image folders ``split`` picks ``PATH/<split>`` when that sub-folder exists (``"test"``
-    also tries ``val``), else ``PATH`` itself is used.
+    also tries ``val``), else ``PATH`` itself is used; ``imagefolder_kwargs`` (``image_size``,
+    ``resize``, ``mean``, ``std``, ``grayscale``) go to :func:`imagefolder`.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; valid: "
                            f"{_VALID_SPECS}")
     name = spec.strip()
     if name.lower() in ("fashion-mnist", "fashion_mnist", "fmnist", "fashionmnist"):
+        if imagefolder_kwargs:
+            raise DatasetError(f"options {sorted(imagefolder_kwargs)} apply to imagefolder "
+                               "specs only, not to fashion-mnist")
         return fashion_mnist(split)
     if name.lower().startswith("imagefolder:"):
         path = name.split(":", 1)[1]
@@ -250,7 +254,7 @@ def load_dataset(spec: str, split: str = "test") -> Dataset:
         sub = split
         if split == "test" and not (base / "test").is_dir() and (base / "val").is_dir():
             sub = "val"
-        return imagefolder(base, split=sub)
+        return imagefolder(base, split=sub, **imagefolder_kwargs)
     raise DatasetError(f"unknown dataset spec {spec!r}; valid: {_VALID_SPECS}")
 
 
