@@ -65,6 +65,8 @@ Layout check_quant_args(const char* op, const at::Tensor& w, const at::Tensor& s
     if (*axis < 0) *axis += dim;
     lay.channels = w.size(*axis);
     for (int64_t d = *axis + 1; d < dim; ++d) lay.inner *= w.size(d);
+  } else {
+    lay.inner = std::max<int64_t>(1, w.numel());  // one segment: a single scale for everything
   }
   const char* what = axis.has_value() ? "w.size(axis) for per-channel quantization"
                                       : "1 for per-tensor quantization (axis=None)";
@@ -109,7 +111,11 @@ void for_each_piece(int64_t numel, const Layout& lay, const scalar_t* scale, con
       const int64_t seg_end = std::min(end, (row + 1) * lay.inner);
       const Vec s(scale[c]);
       const Vec z(zp[c]);
-      for (; idx < seg_end; idx += kV) f(idx, std::min(kV, seg_end - idx), s, z);
+      while (idx < seg_end) {
+        const int64_t cnt = std::min(kV, seg_end - idx);
+        f(idx, cnt, s, z);
+        idx += cnt;
+      }
     }
   });
 }
