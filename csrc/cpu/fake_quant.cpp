@@ -50,6 +50,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -61,6 +63,54 @@ namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
+
+// Non-temporal (streaming) stores for outputs much larger than the last-level cache: they skip
+// the read-for-ownership of the destination lines, which otherwise costs a third memory stream.
+// Used only where at::vec maps to AVX2/AVX-512 registers and the destination is aligned.
+int64_t stream_threshold_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("OMPQ_STREAM_BYTES");
+    return e ? std::atoll(e) : (int64_t(24) << 20);
+  }();
+  return v;
+}
+
+template <typename T>
+inline bool stream_store(const Vectorized<T>& v, T* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same<T, float>::value) {
+    _mm512_stream_ps(p, v);
+  } else {
+    _mm512_stream_pd(p, v);
+  }
+  return true;
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    _mm256_stream_ps(p, v);
+  } else {
+    _mm256_stream_pd(p, v);
+  }
+  return true;
+#else
+  v.store(p);
+  return false;
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Number of leading elements to process before p + head is aligned to a full vector.
+template <typename T>
+inline int64_t head_to_align(const T* p, int64_t n) {
+  constexpr int64_t bytes = Vectorized<T>::size() * sizeof(T);
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % bytes);
+  if (mis % sizeof(T) != 0) return n;  // cannot align: all scalar (never for torch tensors)
+  return std::min<int64_t>(n, mis == 0 ? 0 : (bytes - mis) / sizeof(T));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks (shared with the CUDA glue through the same messages).
@@ -194,33 +244,69 @@ inline T fq_scalar(T x, const Coef<T>& k) {
   return (q - k.z) * k.s;
 }
 
-template <typename T>
-void fq_forward_seg(const T* x, T* y, int64_t n, const Coef<T>& k) {
+template <typename T, bool kStream>
+void fq_forward_seg_impl(const T* x, T* y, int64_t n, const Coef<T>& k) {
   using V = Vectorized<T>;
   const V vinv(k.inv), vs(k.s), vz(k.z), vqmin(k.qmin), vqmax(k.qmax);
   int64_t i = 0;
+  if (kStream) {
+    for (const int64_t h = head_to_align(y, n); i < h; ++i) y[i] = fq_scalar(x[i], k);
+  }
   for (; i + V::size() <= n; i += V::size()) {
     V q = (V::loadu(x + i) * vinv).round() + vz;
     q = V::blendv(vqmin, q, q >= vqmin);  // below or NaN -> qmin
     q = V::blendv(q, vqmax, q > vqmax);
-    ((q - vz) * vs).store(y + i);
+    const V out = (q - vz) * vs;
+    if (kStream) {
+      stream_store(out, y + i);
+    } else {
+      out.store(y + i);
+    }
   }
   for (; i < n; ++i) y[i] = fq_scalar(x[i], k);
 }
 
 template <typename T>
-void fq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k) {
+void fq_forward_seg(const T* x, T* y, int64_t n, const Coef<T>& k, bool stream = false) {
+  if (stream) {
+    fq_forward_seg_impl<T, true>(x, y, n, k);
+  } else {
+    fq_forward_seg_impl<T, false>(x, y, n, k);
+  }
+}
+
+template <typename T, bool kStream>
+void fq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k) {
   using V = Vectorized<T>;
   const V vinv(k.inv), vz(k.z), vqmin(k.qmin), vqmax(k.qmax), one(T(1));
+  auto scalar = [&](int64_t j) {
+    const T q = std::nearbyint(x[j] * k.inv) + k.z;
+    gx[j] = g[j] * static_cast<T>(q >= k.qmin && q <= k.qmax);
+  };
   int64_t i = 0;
+  if (kStream) {
+    for (const int64_t h = head_to_align(gx, n); i < h; ++i) scalar(i);
+  }
   for (; i + V::size() <= n; i += V::size()) {
     const V q = (V::loadu(x + i) * vinv).round() + vz;
     const V inside = (q >= vqmin) & (q <= vqmax) & one;  // 1 or 0 (NaN -> 0)
-    (V::loadu(g + i) * inside).store(gx + i);           // multiply, like torch: Inf*0 = NaN
+    const V out = V::loadu(g + i) * inside;              // multiply, like torch: Inf*0 = NaN
+    if (kStream) {
+      stream_store(out, gx + i);
+    } else {
+      out.store(gx + i);
+    }
   }
-  for (; i < n; ++i) {
-    const T q = std::nearbyint(x[i] * k.inv) + k.z;
-    gx[i] = g[i] * static_cast<T>(q >= k.qmin && q <= k.qmax);
+  for (; i < n; ++i) scalar(i);
+}
+
+template <typename T>
+void fq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,
+                     bool stream = false) {
+  if (stream) {
+    fq_backward_seg_impl<T, true>(g, x, gx, n, k);
+  } else {
+    fq_backward_seg_impl<T, false>(g, x, gx, n, k);
   }
 }
 
@@ -248,14 +334,17 @@ double hsum(const Vectorized<T>& v) {
   return s;
 }
 
-template <typename T>
-void lsq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k, double& ds,
-                      double& dz) {
+template <typename T, bool kStream>
+void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,
+                           double& ds, double& dz) {
   using V = Vectorized<T>;
   const V vinv(k.inv), vs(k.s), vz(k.z), vqmin(k.qmin), vqmax(k.qmax), vgf(k.gf), one(T(1));
   const V vlow(k.qmin - k.z), vhigh(k.qmax - k.z), vneg_s(T(-1)), zero(T(0));
   constexpr int64_t kFlush = 512;  // vectors accumulated in T before flushing into double
   int64_t i = 0;
+  if (kStream) {
+    for (const int64_t h = head_to_align(gx, n); i < h; ++i) lsq_scalar(g[i], x[i], gx + i, ds, dz, k);
+  }
   while (i + V::size() <= n) {
     V acc_s(T(0)), acc_z(T(0));
     const int64_t stop = std::min<int64_t>(n - V::size() + 1, i + kFlush * V::size());
@@ -265,7 +354,12 @@ void lsq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k
       const V xq = (vz + xv * vinv).round();
       const V in_mask = (xq >= vqmin) & (xq <= vqmax);
       const V hi_mask = xq > vqmax;
-      (gv * (in_mask & one)).store(gx + i);
+      const V out = gv * (in_mask & one);
+      if (kStream) {
+        stream_store(out, gx + i);
+      } else {
+        out.store(gx + i);
+      }
       const V xc = V::blendv(V::blendv(vqmin, xq, xq >= vqmin), vqmax, hi_mask);
       const V ds_in = ((gv * ((xc - vz) * vs - xv)) * vinv) * vgf;
       const V ds_out = (gv * V::blendv(vlow, vhigh, hi_mask)) * vgf;
@@ -276,6 +370,16 @@ void lsq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k
     dz += hsum(acc_z);
   }
   for (; i < n; ++i) lsq_scalar(g[i], x[i], gx + i, ds, dz, k);
+}
+
+template <typename T>
+void lsq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k, double& ds,
+                      double& dz, bool stream = false) {
+  if (stream) {
+    lsq_backward_seg_impl<T, true>(g, x, gx, n, k, ds, dz);
+  } else {
+    lsq_backward_seg_impl<T, false>(g, x, gx, n, k, ds, dz);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,6 +415,7 @@ void for_each_run(const Layout& l, F&& f) {
         ++row;
       }
     }
+    stream_fence();  // order any streaming stores before the parallel region ends
   });
 }
 
@@ -324,7 +429,7 @@ Coef<T> coef(const Params& p, int64_t c, int64_t qmin, int64_t qmax, double gf) 
 constexpr int64_t kBlock = 256;
 
 template <typename S>
-void forward_run(const S* x, S* y, int64_t n, const Coef<float>& k) {
+void forward_run(const S* x, S* y, int64_t n, const Coef<float>& k, bool /*stream*/) {
   float xb[kBlock], yb[kBlock];
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t m = std::min(kBlock, n - i);
@@ -335,7 +440,8 @@ void forward_run(const S* x, S* y, int64_t n, const Coef<float>& k) {
 }
 
 template <typename S>
-void backward_run(const S* g, const S* x, S* gx, int64_t n, const Coef<float>& k) {
+void backward_run(const S* g, const S* x, S* gx, int64_t n, const Coef<float>& k,
+                  bool /*stream*/) {
   float gb[kBlock], xb[kBlock], ob[kBlock];
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t m = std::min(kBlock, n - i);
@@ -350,7 +456,7 @@ void backward_run(const S* g, const S* x, S* gx, int64_t n, const Coef<float>& k
 
 template <typename S>
 void lsq_run(const S* g, const S* x, S* gx, int64_t n, const Coef<float>& k, double& ds,
-             double& dz) {
+             double& dz, bool /*stream*/) {
   float gb[kBlock], xb[kBlock], ob[kBlock];
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t m = std::min(kBlock, n - i);
@@ -365,19 +471,24 @@ void lsq_run(const S* g, const S* x, S* gx, int64_t n, const Coef<float>& k, dou
 
 // Native float/double versions.
 #define OMPQ_NATIVE(T)                                                                      \
-  void forward_run(const T* x, T* y, int64_t n, const Coef<T>& k) {                          \
-    fq_forward_seg<T>(x, y, n, k);                                                            \
+  void forward_run(const T* x, T* y, int64_t n, const Coef<T>& k, bool stream) {             \
+    fq_forward_seg<T>(x, y, n, k, stream);                                                    \
   }                                                                                           \
-  void backward_run(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k) {            \
-    fq_backward_seg<T>(g, x, gx, n, k);                                                       \
+  void backward_run(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,              \
+                    bool stream) {                                                            \
+    fq_backward_seg<T>(g, x, gx, n, k, stream);                                               \
   }                                                                                           \
   void lsq_run(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k, double& ds,       \
-               double& dz) {                                                                  \
-    lsq_backward_seg<T>(g, x, gx, n, k, ds, dz);                                              \
+               double& dz, bool stream) {                                                     \
+    lsq_backward_seg<T>(g, x, gx, n, k, ds, dz, stream);                                      \
   }
 OMPQ_NATIVE(float)
 OMPQ_NATIVE(double)
 #undef OMPQ_NATIVE
+
+bool use_stream(const Tensor& out_like) {
+  return out_like.numel() * static_cast<int64_t>(out_like.element_size()) >= stream_threshold_bytes();
+}
 
 template <typename S>
 using compute_t = std::conditional_t<std::is_same<S, double>::value, double, float>;
@@ -400,8 +511,9 @@ Tensor fake_quant_impl(const char* op, const Tensor& x_, const Tensor& scale,
     using T = compute_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const bool stream = use_stream(x);
     for_each_run(l, [&](int64_t, int64_t b, int64_t len, int64_t c) {
-      forward_run(xp + b, yp + b, len, coef<T>(p, c, qmin, qmax, 1.0));
+      forward_run(xp + b, yp + b, len, coef<T>(p, c, qmin, qmax, 1.0), stream);
     });
   });
   return y;
@@ -443,8 +555,9 @@ Tensor fake_quant_backward_cpu(const Tensor& grad_, const Tensor& x_, const Tens
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    const bool stream = use_stream(x);
     for_each_run(l, [&](int64_t, int64_t b, int64_t len, int64_t c) {
-      backward_run(gp + b, xp + b, op_ + b, len, coef<T>(p, c, qmin, qmax, 1.0));
+      backward_run(gp + b, xp + b, op_ + b, len, coef<T>(p, c, qmin, qmax, 1.0), stream);
     });
   });
   return gx;
@@ -470,9 +583,11 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    const bool stream = use_stream(x);
     for_each_run(l, [&](int64_t k, int64_t b, int64_t len, int64_t c) {
       double ds = 0.0, dz = 0.0;
-      lsq_run(gp + b, xp + b, op_ + b, len, coef<T>(p, c, qmin, qmax, grad_factor), ds, dz);
+      lsq_run(gp + b, xp + b, op_ + b, len, coef<T>(p, c, qmin, qmax, grad_factor), ds, dz,
+              stream);
       part_s[k * l.channels + c] += ds;
       part_z[k * l.channels + c] += dz;
     });
