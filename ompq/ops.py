@@ -148,21 +148,135 @@ if _HAS_LSQ:
 
 def adaround_fake_quant(w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor, qmin: int,
                         qmax: int, axis: Optional[int], soft: bool) -> Tensor:
-    """AdaRound fake quantization of weights w with rounding variables v."""
+    """AdaRound fake quantization of weights w with rounding variables v.
+
+    `y = (clamp(floor(w/s) + h(v) + zp, qmin, qmax) - zp) · s`, h the rectified sigmoid (soft) or
+    `v >= 0` (hard). Gradients: straight-through for w inside the range, `s · h'(v)` for v.
+    """
     if has_op("adaround_fake_quant"):
         return torch.ops.ompq.adaround_fake_quant(w, scale, zero_point, v, qmin, qmax, axis, soft)
     return reference.adaround_fake_quant(w, scale, zero_point, v, qmin, qmax, axis, soft)
 
 
 def adaround_reg(v: Tensor, beta: float) -> Tensor:
-    """AdaRound rounding regulariser (scalar)."""
+    """AdaRound rounding regulariser `Σ 1 - |2h(v) - 1|**beta` (a 0-d tensor, dtype of v)."""
     if has_op("adaround_reg"):
         return torch.ops.ompq.adaround_reg(v, beta)
     return reference.adaround_reg(v, beta)
 
 
 def centered_gram(x: Tensor) -> Tensor:
-    """N×N fp32 Gram of the column-centred N×D x (fp32/fp16/bf16 input, fp32 accumulation)."""
+    """N×N fp32 Gram of the column-centred N×D x (fp32/fp16/bf16 input, fp32 accumulation).
+
+    x may also be N×… (flattened per sample). Raises ValueError for fewer than 2 dims or samples
+    and for NaN/Inf input, TypeError for other dtypes. Differentiable with respect to x.
+    """
     if has_op("centered_gram"):
         return torch.ops.ompq.centered_gram(x)
     return reference.centered_gram(x)
+
+
+# --- adaround / adaround_reg / centered_gram: fake (meta) kernels and autograd ------------------
+_HAS_ADAROUND = has_op("adaround_fake_quant") and has_op("adaround_fake_quant_backward")
+_HAS_ADAROUND_REG = has_op("adaround_reg") and has_op("adaround_reg_backward")
+_HAS_GRAM = has_op("centered_gram")
+
+
+def _check_adaround_args(w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor, qmin: int,
+                         qmax: int, axis: Optional[int]) -> None:
+    """Shape checks shared by the AdaRound fake kernels (value checks need data: done in C++)."""
+    torch._check(v.shape == w.shape,
+                 lambda: f"adaround_fake_quant: v must have the shape of w {tuple(w.shape)}")
+    torch._check(qmin < qmax,
+                 lambda: f"adaround_fake_quant: qmin ({qmin}) must be smaller than qmax ({qmax})")
+    if axis is None:
+        torch._check(scale.numel() == 1 and zero_point.numel() == 1,
+                     lambda: "adaround_fake_quant: axis=None needs 1-element scale and zero_point")
+    else:
+        torch._check(-w.dim() <= axis < w.dim(),
+                     lambda: f"adaround_fake_quant: axis {axis} out of range for {w.dim()}-D w")
+        torch._check(scale.numel() == w.shape[axis] and zero_point.numel() == w.shape[axis],
+                     lambda: "adaround_fake_quant: scale/zero_point need w.size(axis) elements")
+
+
+def _adaround_fake(w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor, qmin: int, qmax: int,
+                   axis: Optional[int], soft: bool) -> Tensor:
+    _check_adaround_args(w, scale, zero_point, v, qmin, qmax, axis)
+    return w.new_empty(w.shape)
+
+
+def _adaround_backward_fake(grad: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor,
+                            qmin: int, qmax: int, axis: Optional[int], soft: bool
+                            ) -> tuple[Tensor, Tensor]:
+    _check_adaround_args(w, scale, zero_point, v, qmin, qmax, axis)
+    return w.new_empty(w.shape), v.new_empty(v.shape)
+
+
+def _adaround_setup_context(ctx, inputs, output) -> None:
+    w, scale, zero_point, v, qmin, qmax, axis, soft = inputs
+    ctx.save_for_backward(w, scale, zero_point, v)
+    ctx.qargs = (qmin, qmax, axis, soft)
+
+
+def _adaround_backward(ctx, grad: Tensor):
+    w, scale, zero_point, v = ctx.saved_tensors
+    gw, gv = torch.ops.ompq.adaround_fake_quant_backward(grad, w, scale, zero_point, v,
+                                                          *ctx.qargs)
+    need = ctx.needs_input_grad
+    return (gw if need[0] else None, None, None, gv if need[3] else None, None, None, None, None)
+
+
+def _adaround_reg_fake(v: Tensor, beta: float) -> Tensor:
+    return v.new_empty(())
+
+
+def _adaround_reg_backward_fake(grad: Tensor, v: Tensor, beta: float) -> Tensor:
+    return v.new_empty(v.shape)
+
+
+def _adaround_reg_setup_context(ctx, inputs, output) -> None:
+    v, beta = inputs
+    ctx.save_for_backward(v)
+    ctx.beta = beta
+
+
+def _adaround_reg_backward(ctx, grad: Tensor):
+    (v,) = ctx.saved_tensors
+    return torch.ops.ompq.adaround_reg_backward(grad, v, ctx.beta), None
+
+
+def _gram_fake(x: Tensor) -> Tensor:
+    torch._check(x.dim() >= 2, lambda: f"centered_gram: expected an N×D matrix, got {x.dim()}-D")
+    torch._check(x.shape[0] >= 2, lambda: "centered_gram: need at least 2 samples (rows)")
+    return x.new_empty((x.shape[0], x.shape[0]), dtype=torch.float32)
+
+
+def _gram_setup_context(ctx, inputs, output) -> None:
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _gram_backward(ctx, grad: Tensor):
+    """d/dx of G = Xc Xcᵀ: P (grad + gradᵀ) Xc with P the centring over samples."""
+    (x,) = ctx.saved_tensors
+    xf = x.reshape(x.shape[0], -1).float()
+    xc = xf - xf.mean(dim=0, keepdim=True)
+    gx = (grad + grad.T) @ xc
+    gx = gx - gx.mean(dim=0, keepdim=True)
+    return gx.reshape(x.shape).to(x.dtype)
+
+
+if _HAS_ADAROUND:
+    torch.library.register_fake("ompq::adaround_fake_quant")(_adaround_fake)
+    torch.library.register_fake("ompq::adaround_fake_quant_backward")(_adaround_backward_fake)
+    torch.library.register_autograd("ompq::adaround_fake_quant", _adaround_backward,
+                                    setup_context=_adaround_setup_context)
+if _HAS_ADAROUND_REG:
+    torch.library.register_fake("ompq::adaround_reg")(_adaround_reg_fake)
+    torch.library.register_fake("ompq::adaround_reg_backward")(_adaround_reg_backward_fake)
+    torch.library.register_autograd("ompq::adaround_reg", _adaround_reg_backward,
+                                    setup_context=_adaround_reg_setup_context)
+if _HAS_GRAM:
+    torch.library.register_fake("ompq::centered_gram")(_gram_fake)
+    torch.library.register_autograd("ompq::centered_gram", _gram_backward,
+                                    setup_context=_gram_setup_context)
