@@ -49,10 +49,16 @@ def _from_factory(spec: str) -> nn.Module:
 
 
 def _from_file(path: str) -> nn.Module:
-    try:
-        return torch.jit.load(path, map_location="cpu")
-    except Exception:
-        pass
+    import warnings
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            scripted = any(n.endswith("/constants.pkl") for n in zf.namelist())
+        if scripted:  # TorchScript archive
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(path, map_location="cpu")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
