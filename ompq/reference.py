@@ -37,23 +37,45 @@ def quantize_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: 
     s = _bcast(scale, x, axis)
     z = _bcast(zero_point, x, axis)
     inv = 1.0 / s
-    return torch.clamp(torch.round(x * inv) + z, qmin, qmax)
+    return _clamp_nan_low(torch.round(x * inv) + z, qmin, qmax)
+
+
+def _clamp_nan_low(q: Tensor, qmin: int, qmax: int) -> Tensor:
+    """clamp(q, qmin, qmax) with NaN mapped to qmin (torch's fake-quant kernels do the same)."""
+    return torch.clamp(torch.where(torch.isnan(q), torch.full_like(q, qmin), q), qmin, qmax)
+
+
+def _fq_params(x: Tensor, scale: Tensor, zero_point: Tensor, axis: Optional[int]):
+    """(scale, 1/scale, zero point) in x's compute dtype, shaped to broadcast against x.
+
+    Like torch's kernels, the inverse scale is computed in float32 (`1.0f / scale`); float64 x
+    is computed in float64.
+    """
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = _bcast(scale.detach().to(torch.float32), x, axis).to(dt)
+    z = _bcast(zero_point.detach().to(torch.float32), x, axis).to(dt)
+    inv = (1.0 / scale.detach().to(torch.float32)).to(dt)
+    return s, _bcast(inv, x, axis), z
 
 
 class _FakeQuantSTE(torch.autograd.Function):
+    # Semantics of torch.fake_quantize_per_{tensor,channel}_affine (see csrc/cpu/fake_quant.cpp):
+    # q = clamp(nearbyint(x * inv) + zp, qmin, qmax) with NaN -> qmin, +-Inf saturating;
+    # y = (q - zp) * scale; grad_x = grad * (qmin <= nearbyint(x * inv) + zp <= qmax).
+    # float16/bfloat16 are computed in float32 and rounded once at the end.
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
-        s = _bcast(scale, x, axis)
-        z = _bcast(zero_point, x, axis)
-        xq = torch.round(x * (1.0 / s)) + z
+        s, inv, z = _fq_params(x, scale, zero_point, axis)
+        xc = x.to(s.dtype)
+        xq = torch.round(xc * inv) + z
         mask = (xq >= qmin) & (xq <= qmax)
         ctx.save_for_backward(mask)
-        return (torch.clamp(xq, qmin, qmax) - z) * s
+        return ((_clamp_nan_low(xq, qmin, qmax) - z) * s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        return grad * mask.to(grad.dtype), None, None, None, None, None
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
@@ -63,35 +85,48 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
 
 
 class _LSQ(torch.autograd.Function):
+    # torch._fake_quantize_learnable_per_{tensor,channel}_affine: the zero point is rounded (half
+    # to even) and clamped; the backward recomputes xq = nearbyint(zp + x * inv) (torch's order)
+    # and applies LSQ's gradients element by element in torch's operation order:
+    #   inside: grad_x = g, grad_s = ((g * ((clamp(xq) - zp) * s - x)) * inv) * gf, grad_zp = 0
+    #   below (or NaN): grad_x = 0, grad_s = (g * (qmin - zp)) * gf, grad_zp = ((g * -1) * s) * gf
+    #   above:          grad_x = 0, grad_s = (g * (qmax - zp)) * gf, grad_zp = ((g * -1) * s) * gf
+    # summed over everything but the channel axis. torch's per-tensor backward rounds the zero
+    # point as trunc(zp + 0.5) instead (a different value for negative or .5 zero points, i.e.
+    # inconsistent with its own forward); we use the forward's zero point everywhere, which is
+    # what torch's per-channel op does.
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor):
-        zp = torch.clamp(torch.round(zero_point), qmin, qmax)
-        s = _bcast(scale, x, axis)
-        z = _bcast(zp, x, axis)
-        inv = 1.0 / s
-        xq = torch.round(x * inv) + z
-        ctx.save_for_backward(x, scale, zp)
+        zp = torch.clamp(torch.round(zero_point.detach().to(torch.float32)), qmin, qmax)
+        ctx.save_for_backward(x, scale, zero_point, zp)
         ctx.args = (qmin, qmax, axis, grad_factor)
-        return (torch.clamp(xq, qmin, qmax) - z) * s
+        s, inv, z = _fq_params(x, scale, zp, axis)
+        xq = torch.round(x.to(s.dtype) * inv) + z
+        return ((_clamp_nan_low(xq, qmin, qmax) - z) * s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zp = ctx.saved_tensors
+        x, scale, zero_point, zp = ctx.saved_tensors
         qmin, qmax, axis, grad_factor = ctx.args
-        s = _bcast(scale, x, axis)
-        z = _bcast(zp, x, axis)
-        inv = 1.0 / s
-        xq = torch.round(x * inv) + z
-        low = xq < qmin
+        s, inv, z = _fq_params(x, scale, zp, axis)
+        xc = x.to(s.dtype)
+        g = grad.to(s.dtype)
+        gf = float(torch.tensor(grad_factor, dtype=torch.float32)) if s.dtype == torch.float32 \
+            else float(grad_factor)
+        xq = torch.round(z + xc * inv)
+        inside = (xq >= qmin) & (xq <= qmax)
         high = xq > qmax
-        inside = ~(low | high)
-        gx = grad * inside
-        gs = torch.where(low, (qmin - z) + torch.zeros_like(x),
-                         torch.where(high, (qmax - z) + torch.zeros_like(x), (xq - z) - x * inv))
-        gs = _reduce_to(grad * gs * grad_factor, x, axis, scale)
-        gz = torch.where(inside, torch.zeros_like(x), -s + torch.zeros_like(x))
-        gz = _reduce_to(grad * gz * grad_factor, x, axis, zp)
-        return gx, gs, gz, None, None, None, None
+        gx = (g * inside.to(g.dtype)).to(x.dtype)
+        xfq = (torch.clamp(xq, qmin, qmax) - z) * s
+        gs_in = ((g * (xfq - xc)) * inv) * gf
+        gs_out = (g * torch.where(high, qmax - z, qmin - z)) * gf
+        gs = torch.where(inside, gs_in, gs_out)
+        gz = torch.where(inside, torch.zeros_like(g), ((g * -1.0) * s) * gf)
+        need = ctx.needs_input_grad
+        gs = _reduce_to(gs.double(), x, axis, scale).to(scale.dtype) if need[1] else None
+        gz = _reduce_to(gz.double(), x, axis, zero_point).to(zero_point.dtype) \
+            if need[2] else None
+        return (gx if need[0] else None), gs, gz, None, None, None, None
 
 
 def lsq_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
