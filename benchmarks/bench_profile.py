@@ -1,0 +1,271 @@
+"""Benchmark: streaming ORM profiler vs a plain forward and vs the reference approach.
+
+Model: a ResNet-50-shaped net built here (standard bottleneck layout [3, 4, 6, 3], random
+weights, no torchvision), input N×3×224×224 (N = 64 by default), CPU, 2 threads.
+
+Measured in ONE run, interleaved (A B C A B C ...), medians over `--rounds` rounds:
+  (a) forward  — a plain inference forward of the same batch (eval, torch.inference_mode);
+  (c) ompq     — ompq.profile (one forward, a centred Gram per layer in the hooks, one L×N² product);
+  naive hook   — context: a forward hook per layer that centres and multiplies with plain torch.
+Once: (b) reference — keep every layer's feature, then a Python double loop over the pairs
+  i < j that recomputes both centred Grams for each pair (as the original code does). It is slow,
+  so `--ref-pairs` random pairs are timed and the pair time is extrapolated to all L(L−1)/2 pairs
+  (stated in the output); the forward that keeps the features is timed in full.
+Peak RSS (resource.getrusage ru_maxrss) of (a) and (c), each in its own fresh subprocess.
+
+Targets (issue 2): ompq ≤ 1.2 × forward time; ≥ 20 × faster than (b); peak RSS ≤ 1.3 × forward's.
+Usage: python benchmarks/bench_profile.py [--rounds 3] [--num-samples 64] [--image-size 224]
+Writes benchmarks/results/profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ----------------------------------------------------------------------------- model
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        cin, stages = 64, []
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            layers = []
+            for b in range(blocks):
+                layers.append(Bottleneck(cin, width, stride if b == 0 else 1))
+                cin = width * 4
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2048, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def build(args) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = ResNet50().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.num_samples, 3, args.image_size, args.image_size, generator=gen)
+    return model, x
+
+
+def layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+# ----------------------------------------------------------------------------- variants
+def run_forward(model, x) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(x)
+    return time.perf_counter() - t0
+
+
+def run_ompq(model, x) -> float:
+    from ompq.profile import profile
+
+    t0 = time.perf_counter()
+    profile(model, x, num_samples=x.shape[0], progress=False)
+    return time.perf_counter() - t0
+
+
+def run_naive(model, x) -> float:
+    grams = []
+
+    def hook(m, i, o):
+        f = o.reshape(o.shape[0], -1).float()
+        f = f - f.mean(0, keepdim=True)
+        grams.append(f @ f.T)
+
+    handles = [m.register_forward_hook(hook) for _, m in layer_modules(model)]
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            model(x)
+        g = torch.stack(grams).double().flatten(1)
+        g = g / g.norm(dim=1, keepdim=True)
+        g @ g.T
+    finally:
+        for h in handles:
+            h.remove()
+    return time.perf_counter() - t0
+
+
+def run_reference(model, x, pairs: int, seed: int = 0) -> dict:
+    """Keep all features, then recompute both Grams per pair (timed on a subset of pairs)."""
+    feats = []
+    handles = [m.register_forward_hook(lambda m, i, o: feats.append(o.clone()))
+               for _, m in layer_modules(model)]
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    t_forward = time.perf_counter() - t0
+    num = len(feats)
+    all_pairs = [(i, j) for i in range(num) for j in range(i + 1, num)]
+    subset = random.Random(seed).sample(all_pairs, min(pairs, len(all_pairs)))
+
+    def gram(f):
+        f = f.reshape(f.shape[0], -1)
+        f = f - f.mean(0, keepdim=True)
+        return f @ f.T
+
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        for i, j in subset:  # the original double loop body
+            ki, kj = gram(feats[i]), gram(feats[j])
+            float((ki * kj).sum() / (ki.norm() * kj.norm()))
+    t_pairs = time.perf_counter() - t1
+    feat_bytes = sum(f.numel() * f.element_size() for f in feats)
+    per_pair = t_pairs / len(subset)
+    return {"forward_keep_s": t_forward, "pairs_timed": len(subset), "pairs_total": len(all_pairs),
+            "per_pair_s": per_pair, "total_s": t_forward + per_pair * len(all_pairs),
+            "feature_bytes": feat_bytes}
+
+
+# ----------------------------------------------------------------------------- RSS
+def rss_child(args) -> None:
+    model, x = build(args)
+    torch.set_num_threads(args.threads)
+    if args.rss == "forward":
+        run_forward(model, x)
+    else:
+        run_ompq(model, x)
+    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def measure_rss(args, mode: str) -> int:
+    cmd = [sys.executable, os.path.abspath(__file__), "--rss", mode,
+           "--num-samples", str(args.num_samples), "--image-size", str(args.image_size),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(json.loads(out.strip().splitlines()[-1])["maxrss_kib"])
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ref-pairs", type=int, default=30, help="pairs timed for the reference")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--rss", choices=("forward", "profile"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=os.path.join(RESULTS, "profile.json"))
+    args = ap.parse_args()
+    if args.rss:
+        rss_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    from ompq import ops
+
+    model, x = build(args)
+    num_layers = len(layer_modules(model))
+    print(f"ResNet-50-shaped, {num_layers} layers, N = {args.num_samples}, "
+          f"{args.image_size}x{args.image_size}, {args.threads} threads, compiled centered_gram: "
+          f"{ops.has_op('centered_gram')}")
+    run_forward(model, x[:4])  # warm-up (allocator, kernels)
+    run_ompq(model, x[:8])
+    times = {"forward": [], "ompq": [], "naive_hook": []}
+    for r in range(args.rounds):
+        for name, fn in (("forward", run_forward), ("ompq", run_ompq), ("naive_hook", run_naive)):
+            times[name].append(fn(model, x))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+              flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = None if args.skip_reference else run_reference(model, x, args.ref_pairs)
+    rss = None
+    if not args.skip_rss:
+        rss = {"forward_kib": measure_rss(args, "forward"),
+               "ompq_kib": measure_rss(args, "profile")}
+    result = {
+        "model": "resnet50-shaped (random weights)", "layers": num_layers,
+        "num_samples": args.num_samples, "image_size": args.image_size, "threads": args.threads,
+        "rounds": args.rounds, "compiled_centered_gram": ops.has_op("centered_gram"),
+        "torch": torch.__version__, "machine": platform.machine(),
+        "times_s": times, "median_s": med,
+        "ratio_ompq_vs_forward": med["ompq"] / med["forward"],
+        "ratio_naive_vs_forward": med["naive_hook"] / med["forward"],
+        "reference": ref, "rss": rss,
+    }
+    print(f"\nmedians over {args.rounds} interleaved rounds:")
+    print(f"  (a) plain forward        {med['forward']:8.3f} s")
+    print(f"  (c) ompq.profile         {med['ompq']:8.3f} s   ratio {result['ratio_ompq_vs_forward']:.3f}"
+          f" x forward   (target <= 1.2)")
+    print(f"      naive hook           {med['naive_hook']:8.3f} s   ratio "
+          f"{result['ratio_naive_vs_forward']:.3f} x forward")
+    if ref is not None:
+        speed = ref["total_s"] / med["ompq"]
+        result["speedup_vs_reference"] = speed
+        print(f"  (b) reference            {ref['total_s']:8.3f} s   = forward keeping features "
+              f"{ref['forward_keep_s']:.2f} s + {ref['pairs_total']} pairs x "
+              f"{ref['per_pair_s'] * 1e3:.1f} ms (extrapolated from {ref['pairs_timed']} timed "
+              f"pairs); features held: {ref['feature_bytes'] / 2**30:.2f} GiB")
+        print(f"      ompq speed-up vs (b) {speed:8.1f} x   (target >= 20)")
+    if rss is not None:
+        ratio = rss["ompq_kib"] / rss["forward_kib"]
+        result["ratio_rss_ompq_vs_forward"] = ratio
+        print(f"  peak RSS: forward {rss['forward_kib'] / 2**20:.2f} GiB, ompq "
+              f"{rss['ompq_kib'] / 2**20:.2f} GiB, ratio {ratio:.3f}   (target <= 1.3)")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
