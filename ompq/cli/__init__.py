@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ["profile", "allocate"]
+COMMANDS = ["demo", "quantize", "eval", "export", "report", "profile", "allocate"]
 OPTIONAL_COMMANDS = ("demo", "quantize", "eval", "export", "report")
 
 

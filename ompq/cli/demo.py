@@ -20,11 +20,11 @@ from .quantize import (MIB, CLIError, add_common_args, emit_json, guard, model_l
                        parse_bits, resolve_model, results_table, run_flow, write_outputs)
 
 #: Default reconstruction effort, sized so the demo (two PTQ runs) ends in < 5 min on 2 cores.
-DEFAULT_ITERS = 200
-DEFAULT_ACT_ITERS = 50
+DEFAULT_ITERS = 80
+DEFAULT_ACT_ITERS = 10
 DEFAULT_CALIB = 512
 #: --fast: fewer iterations, a calibration/eval subset — still the real pipeline (for CI).
-FAST = {"iters": 20, "act_iters": 5, "calib_samples": 128, "profile_samples": 32,
+FAST = {"iters": 10, "act_iters": 2, "calib_samples": 128, "profile_samples": 32,
         "eval_limit": 1000, "onnx_check_limit": 256}
 
 
@@ -38,13 +38,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist", help="dataset spec (fashion-mnist)")
     p.add_argument("--avg-bits", type=float, default=3.0,
                    help="average weight bits defining the size budget (3)")
-    p.add_argument("--bits", default="2,3,4,5,6,8", help="candidate weight widths")
+    p.add_argument("--bits", default="2,3,4",
+                   help="candidate weight widths (2,3,4: the PTQ bounds of the reference)")
     p.add_argument("--iters", type=int, default=None,
                    help=f"AdaRound iterations per block ({DEFAULT_ITERS}; --fast {FAST['iters']})")
     p.add_argument("--act-iters", type=int, default=None,
                    help=f"LSQ iterations per block ({DEFAULT_ACT_ITERS})")
     p.add_argument("--calib-samples", type=int, default=None,
                    help=f"PTQ calibration samples ({DEFAULT_CALIB})")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate on the first N test images (all; --fast 1000)")
     p.add_argument("--out", default="reports/demo", help="report folder (reports/demo)")
     p.add_argument("--fast", action="store_true",
                    help="CI size: few iterations, 1 000 test images (still the real pipeline)")
@@ -54,7 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    return guard("demo", lambda: _run(args))
+    return guard("demo", lambda: _run(args), getattr(args, "debug", False))
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
          "profile_samples": 64, "eval_limit": None, "onnx_check_limit": 1000}
     if args.fast:
         s.update(FAST)
-    for key in ("iters", "act_iters", "calib_samples"):
+    for key in ("iters", "act_iters", "calib_samples", "eval_limit"):
         if getattr(args, key) is not None:
             if getattr(args, key) < 0:
                 raise CLIError(f"--{key.replace('_', '-')} must be >= 0")

@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    return guard("export", lambda: _run(args))
+    return guard("export", lambda: _run(args), getattr(args, "debug", False))
 
 
 def _run(args: argparse.Namespace) -> int:

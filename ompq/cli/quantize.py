@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 EXIT_USAGE = 2
+#: Candidate weight widths per mode (SPEC §4: the reference searches 2–4 bits for PTQ).
+DEFAULT_BITS = {"ptq": "2,3,4", "qat": "2,3,4,5,6,8"}
 MIB = 2 ** 20
 
 
@@ -28,15 +30,16 @@ class CLIError(ValueError):
 
 
 # ============================================================================ error handling
-def guard(command: str, body: Callable[[], int]) -> int:
-    """Run `body`; turn user errors into ``ompq <command>: error: <message>`` and exit code 2."""
+def guard(command: str, body: Callable[[], int], debug: bool = False) -> int:
+    """Run `body`; turn user errors into ``ompq <command>: error: <message>`` and exit code 2
+    (`debug` or ``OMPQ_DEBUG=1``: raise instead, with the traceback)."""
     try:
         return body()
     except KeyboardInterrupt:
         print(f"ompq {command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, KeyError) as err:
-        if os.environ.get("OMPQ_DEBUG"):
+        if debug or os.environ.get("OMPQ_DEBUG"):
             raise
         msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         msg = " ".join(msg.split()) or type(err).__name__
@@ -55,7 +58,7 @@ def resolve_model(spec: str) -> nn.Module:
     except ImportError:
         common_resolve = None
     if common_resolve is not None:
-        model = common_resolve(spec)
+        model, _label = common_resolve(spec)
         return model.eval()
     return _resolve_model_fallback(spec)
 
@@ -222,7 +225,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 # ============================================================================ the flow
 def quantize_model(model: nn.Module, cfg: Any, mode: str, train: Any, *, act_bits: int,
                    iters: Optional[int], act_iters: Optional[int], calib_samples: int,
-                   epochs: int, seed: int, progress: bool) -> tuple[nn.Module, dict]:
+                   epochs: int, seed: int, progress: bool, max_steps: Optional[int] = None
+                   ) -> tuple[nn.Module, dict]:
     """PTQ or QAT of `model` (not modified) to `cfg`; returns (quantized model, stats)."""
     stats: dict[str, Any] = {}
     if mode == "ptq":
@@ -231,11 +235,10 @@ def quantize_model(model: nn.Module, cfg: Any, mode: str, train: Any, *, act_bit
         q = ptq(model, cfg, train, num_samples=calib_samples, iters=iters, act_iters=act_iters,
                 seed=seed, progress=progress, act_bits=act_bits, stats=stats)
     elif mode == "qat":
-        import copy
-
         from ..qat import qat
 
-        q = qat(copy.deepcopy(model), cfg, train, epochs=epochs, seed=seed, progress=progress)
+        q = qat(model, cfg, train, epochs=epochs, seed=seed, act_bits=act_bits,
+                max_steps=max_steps, progress=progress, stats=stats)
     else:
         raise CLIError(f"--mode {mode!r}: valid modes are ptq and qat")
     return q.eval(), stats
@@ -245,8 +248,8 @@ def run_flow(*, model: nn.Module, model_name: str, data: str, size_mb: Optional[
              bops_g: Optional[float], mode: str, act_bits: int, bits: Sequence[int],
              iters: Optional[int], act_iters: Optional[int], calib_samples: int,
              profile_samples: int, epochs: int, seed: int, progress: bool,
-             uniform: bool, eval_limit: Optional[int], bit_config_path: Optional[str] = None
-             ) -> dict:
+             uniform: bool, eval_limit: Optional[int], bit_config_path: Optional[str] = None,
+             max_steps: Optional[int] = None) -> dict:
     """profile → allocate → quantize → evaluate, plus FP32 (and optionally uniform) baselines.
 
     Returns ``{"profile", "bit_config", "models": {method: nn.Module}, "results": [records]}``;
@@ -289,7 +292,7 @@ def run_flow(*, model: nn.Module, model_name: str, data: str, size_mb: Optional[
         t = time.perf_counter()
         q, _ = quantize_model(model, c, mode, train, act_bits=act_bits, iters=iters,
                               act_iters=act_iters, calib_samples=calib_samples, epochs=epochs,
-                              seed=seed, progress=progress)
+                              seed=seed, progress=progress, max_steps=max_steps)
         t_q = time.perf_counter() - t
         top1, t_eval = _eval(q)
         secs = {"profile": t_prof, "allocate": t_alloc, mode: t_q, "eval": t_eval} \
@@ -351,7 +354,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "of searching")
     p.add_argument("--mode", choices=("ptq", "qat"), default="ptq")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits (8)")
-    p.add_argument("--bits", default="2,3,4,5,6,8", help="candidate weight widths (2,3,4,5,6,8)")
+    p.add_argument("--bits", default=None,
+                   help="candidate weight widths (ptq: 2,3,4 as the reference; qat: 2,3,4,5,6,8)")
+    p.add_argument("--max-steps", type=int, default=None, help="QAT: stop after N steps")
     p.add_argument("--iters", type=int, default=None, help="AdaRound iterations per block")
     p.add_argument("--act-iters", type=int, default=None, help="LSQ iterations per block")
     p.add_argument("--calib-samples", type=int, default=1024, help="PTQ calibration samples")
@@ -367,7 +372,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    return guard("quantize", lambda: _run(args))
+    return guard("quantize", lambda: _run(args), getattr(args, "debug", False))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -380,11 +385,12 @@ def _run(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     flow = run_flow(model=model, model_name=model_label(args.model), data=args.data,
                     size_mb=args.size_mb, bops_g=args.bops_g, mode=args.mode,
-                    act_bits=args.act_bits, bits=parse_bits(args.bits), iters=args.iters,
+                    act_bits=args.act_bits, bits=parse_bits(args.bits or DEFAULT_BITS[args.mode]),
+                    iters=args.iters,
                     act_iters=args.act_iters, calib_samples=args.calib_samples,
                     profile_samples=args.profile_samples, epochs=args.epochs, seed=args.seed,
                     progress=progress, uniform=args.uniform, eval_limit=args.eval_limit,
-                    bit_config_path=args.bit_config)
+                    bit_config_path=args.bit_config, max_steps=args.max_steps)
     print(results_table(flow["results"]))
     payload: dict[str, Any] = {"command": "quantize", "model": args.model, "data": args.data,
                                "mode": args.mode, "results": flow["results"],
