@@ -5,7 +5,7 @@ weights, no torchvision), input N×3×224×224 (N = 64 by default), CPU, 2 threa
 
 Measured in ONE run, interleaved (A B C A B C ...), medians over `--rounds` rounds:
   (a) forward  — a plain inference forward of the same batch (eval, torch.inference_mode);
-  (c) ompq     — ompq.profile (one forward, a centred Gram per layer in the hooks, one L×N² product);
+  (c) ompq     — ompq.profile (one forward, a centred Gram per layer in hooks, one L×N² product);
   naive hook   — context: a forward hook per layer that centres and multiplies with plain torch.
 Once: (b) reference — keep every layer's feature, then a Python double loop over the pairs
   i < j that recomputes both centred Grams for each pair (as the original code does). It is slow,
@@ -244,8 +244,8 @@ def main() -> None:
     }
     print(f"\nmedians over {args.rounds} interleaved rounds:")
     print(f"  (a) plain forward        {med['forward']:8.3f} s")
-    print(f"  (c) ompq.profile         {med['ompq']:8.3f} s   ratio {result['ratio_ompq_vs_forward']:.3f}"
-          f" x forward   (target <= 1.2)")
+    print(f"  (c) ompq.profile         {med['ompq']:8.3f} s   ratio "
+          f"{result['ratio_ompq_vs_forward']:.3f} x forward   (target <= 1.2)")
     print(f"      naive hook           {med['naive_hook']:8.3f} s   ratio "
           f"{result['ratio_naive_vs_forward']:.3f} x forward")
     if ref is not None:

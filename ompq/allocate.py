@@ -52,7 +52,7 @@ _OBJ_RESOLUTION = 2 ** 31  # integer objective units for the largest value range
 
 
 class InfeasibleBudgetError(ValueError):
-    """No assignment of candidate bits meets the budget(s); the message states the achievable range."""
+    """No candidate bits meet the budget(s); the message states the achievable size/BOPs range."""
 
 
 @dataclass

@@ -69,7 +69,8 @@ def _as_patterns(patterns: Patterns, what: str) -> list[str]:
             if not isinstance(p, str):
                 raise TypeError(f"{what} patterns must be strings (fnmatch globs), got {p!r}")
         return out
-    raise TypeError(f"{what} must be a glob string or a list of them, got {type(patterns).__name__}")
+    raise TypeError(f"{what} must be a glob string or a list of them, "
+                    f"got {type(patterns).__name__}")
 
 
 def match_names(pattern: str, names: Sequence[str]) -> list[str]:
@@ -108,7 +109,8 @@ def find_layers(model: nn.Module, include: Patterns = None, exclude: Patterns = 
         for p in inc:
             hit = match_names(p, names)
             if not hit:
-                raise ValueError(f"include pattern {p!r} matches no layer; layers: {_preview(names)}")
+                raise ValueError(f"include pattern {p!r} matches no layer; "
+                                 f"layers: {_preview(names)}")
             keep.update(hit)
     for p in _as_patterns(exclude, "exclude"):
         hit = match_names(p, names)
@@ -224,6 +226,6 @@ def measure_layers(model: nn.Module, example_input: Any,
             h.remove()
     not_run = [n for n in names if n not in infos]
     if not_run:
-        raise ValueError(f"layer(s) {_preview([repr(n) for n in not_run])} did not run in the forward pass; "
-                         "exclude them (exclude=...)")
+        raise ValueError(f"layer(s) {_preview([repr(n) for n in not_run])} did not run in the "
+                         "forward pass; exclude them (exclude=...)")
     return list(infos.values())

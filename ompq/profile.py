@@ -33,7 +33,6 @@ the Gram of the concatenation of its calls' features (the sum of their centred G
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -278,7 +277,7 @@ class _Recorder:
 
     # -- hooks
     def pre_hook(self, module: nn.Module, args: Any) -> None:
-        """Before any leaf module: continue the chain (BN/activation on the pending tensor) or end it."""
+        """Before a leaf module: a BN/activation on the pending tensor continues it, else end."""
         if self.pending is None:
             return
         if isinstance(module, FOLLOW_TYPES) and args and args[0] is self.pending:

@@ -8,7 +8,7 @@ from ompq.orm import feature_gram, orm_from_grams, orm_matrix, u_center
 
 
 def cka_pairwise(feats):
-    """Straightforward reference: feature-space form ‖Yᵀ X‖² / (‖XᵀX‖ ‖YᵀY‖), float64, double loop."""
+    """Plain reference: feature-space form ‖YᵀX‖² / (‖XᵀX‖ ‖YᵀY‖), float64, a double loop."""
     xs = [f.reshape(f.shape[0], -1).double() for f in feats]
     xs = [x - x.mean(0) for x in xs]
     out = torch.empty(len(xs), len(xs), dtype=torch.float64)
@@ -93,7 +93,8 @@ def test_debiased_matches_u_statistic(gen):
     ref = debiased_pairwise(feats)
     assert_rel_close(orm_matrix([f.double() for f in feats], debiased=True), ref, rel=1e-9)
     assert_rel_close(orm_matrix(feats, debiased=True), ref, rel=1e-4)
-    assert torch.equal(orm_matrix(feats, debiased=True).diagonal(), torch.ones(4, dtype=torch.float64))
+    diag = orm_matrix(feats, debiased=True).diagonal()
+    assert torch.equal(diag, torch.ones(4, dtype=torch.float64))
 
 
 def test_u_center_zero_diagonal_and_row_sums(gen):

@@ -61,7 +61,8 @@ def _load_inputs(args: argparse.Namespace):
 def _print_configs(prof, configs) -> None:
     if len(configs) == 1:
         c = configs[0]
-        rows = [(layer.name, layer.kind, layer.params, layer.macs, round(c.importance[layer.name], 4),
+        rows = [(layer.name, layer.kind, layer.params, layer.macs,
+                 round(c.importance[layer.name], 4),
                  c.weight_bits[layer.name], c.act_bits[layer.name]) for layer in prof.layers]
         print_table(rows, ["layer", "kind", "params", "MACs", "importance", "w_bits", "a_bits"])
     else:
