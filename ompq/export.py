@@ -57,6 +57,7 @@ import json
 import os
 import struct
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -72,6 +73,7 @@ MAGIC = b"OMPQPK01"
 PACKED_FORMAT = "ompq.Packed"
 PACKED_VERSION = 1
 MIB = 2 ** 20
+_LEGACY_MAX_OPSET = 20
 
 
 # ============================================================================ bit packing
@@ -598,13 +600,20 @@ def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opse
     t0 = time.perf_counter()
     twin = _onnx_twin(model, opset)
     buf = io.BytesIO()
-    with torch.no_grad():
+    # The TorchScript exporter writes opsets <= 20; the ops it emits here (Conv, Gemm, QDQ, ...)
+    # have the same semantics at 21, where only the QDQ types widen (INT4), so the graph is
+    # exported at min(opset, 20) and then stamped with the requested opset.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(twin, (example_input.detach().cpu(),), buf, dynamo=False,
-                          opset_version=opset, do_constant_folding=False,
+                          opset_version=min(opset, _LEGACY_MAX_OPSET), do_constant_folding=False,
                           training=torch.onnx.TrainingMode.PRESERVE,
                           input_names=[input_name], output_names=[output_name],
                           dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
     _to_initialisers(proto, int4)
     onnx.checker.check_model(proto)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

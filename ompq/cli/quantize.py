@@ -269,8 +269,14 @@ def run_flow(*, model: nn.Module, model_name: str, data: str, size_mb: Optional[
     if bit_config_path:
         cfg = complete_config(load_bit_config(bit_config_path, prof.names), prof)
     else:
-        cfg = allocate(prof, size_mb=size_mb, bops_g=bops_g, bits=tuple(bits), act_bits=act_bits,
-                       seed=seed)
+        from ..allocate import InfeasibleBudgetError
+
+        try:
+            cfg = allocate(prof, size_mb=size_mb, bops_g=bops_g, bits=tuple(bits),
+                           act_bits=act_bits, seed=seed)
+        except InfeasibleBudgetError as err:
+            raise CLIError(f"{err}; choose --size-mb/--bops-g inside that range or change the "
+                           f"candidate widths --bits (now {','.join(map(str, bits))})") from None
     t_alloc = time.perf_counter() - t
 
     def _eval(m: nn.Module) -> tuple[float, float]:
