@@ -246,11 +246,17 @@ class _Recorder:
         if x.shape[0] != self.num_samples:
             raise ValueError(f"layer {name!r} returned a tensor of shape {tuple(x.shape)}; ompq "
                              f"needs the batch of {self.num_samples} samples on dim 0")
+        cuda = x.is_cuda
+        if cuda:  # time the Gram work alone
+            torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
-        gram = feature_gram(x)
+        try:
+            gram = feature_gram(x)
+        except ValueError as err:  # the compiled op refuses NaN/Inf: name the layer
+            raise ValueError(f"layer {name!r} has a non-finite feature: {err}") from err
         if gram.dtype != torch.float32:
             gram = gram.float()
-        energy = _energy_estimate(x)
+        energy = _energy_estimate(x)  # float(): waits for the GPU too
         self.gram_seconds += time.perf_counter() - t0
         self.gram_calls += 1
         if name in self.grams:
@@ -373,6 +379,8 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
         with torch.inference_mode():
             call_model(model, x)
             rec.flush()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         t_forward = time.perf_counter() - t0
     finally:
         for h in handles:

@@ -207,6 +207,16 @@ def test_profile_constant_layer_warns_with_name(gen):
     assert not torch.isnan(prof.orm).any()
 
 
+def test_profile_non_finite_feature_names_the_layer(gen):
+    net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    with torch.no_grad():
+        net[1].bias[0] = float("inf")
+    for feature in ("auto", "output"):
+        with pytest.raises(ValueError, match="layer '1' has a non-finite feature"):
+            profile(net, torch.randn(8, 4, generator=gen), num_samples=8, feature=feature,
+                    progress=False)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_samples": 3}, "at least 4"),
     ({"num_samples": 41}, "40 samples along dim 0, fewer than num_samples = 41"),
