@@ -600,10 +600,12 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cpu(
     }
   }
   auto opts = at::TensorOptions().dtype(at::kDouble);
+  // clone(): from_blob aliases the local vectors, and .to() is a no-op for double.
   Tensor gs = at::from_blob(sum_s.data(), {l.channels}, opts)
+                  .clone()
                   .to(scale.scalar_type())
                   .reshape(scale.sizes());
-  Tensor gz = at::from_blob(sum_z.data(), {l.channels}, opts);
+  Tensor gz = at::from_blob(sum_z.data(), {l.channels}, opts).clone();
   gz = (at::isFloatingType(zero_point.scalar_type()) ? gz.to(zero_point.scalar_type())
                                                      : gz.to(at::kFloat))
            .reshape(zero_point.sizes());
