@@ -25,6 +25,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "gram_adaround.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,19 +35,9 @@
 #include <vector>
 
 namespace ompq {
-namespace {
-
-constexpr double kZeta = 1.1;
-constexpr double kGamma = -0.1;
-constexpr int64_t kGrain = 16384;
-
-struct Layout {
-  int64_t channels = 1;  // length of scale / zero_point
-  int64_t inner = 1;     // contiguous elements sharing one channel
-};
 
 // Validate the quantizer arguments and return the channel layout of w.
-Layout check_quant_args(const char* op, const at::Tensor& w, const at::Tensor& scale,
+AdaLayout adaround_check_args(const char* op, const at::Tensor& w, const at::Tensor& scale,
                         const at::Tensor& zero_point, const at::Tensor& v, int64_t qmin,
                         int64_t qmax, std::optional<int64_t>& axis) {
   TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, op,
@@ -57,7 +49,7 @@ Layout check_quant_args(const char* op, const at::Tensor& w, const at::Tensor& s
   TORCH_CHECK_VALUE(qmin < qmax, op, ": qmin (", qmin, ") must be smaller than qmax (", qmax, ")");
   TORCH_CHECK_VALUE(scale.device() == w.device() && zero_point.device() == w.device(), op,
               ": scale and zero_point must be on the device of w (", w.device(), ")");
-  Layout lay;
+  AdaLayout lay;
   if (axis.has_value()) {
     const int64_t dim = w.dim();
     TORCH_CHECK_VALUE(dim > 0 && *axis >= -dim && *axis < dim, op, ": axis ", *axis,
@@ -82,10 +74,23 @@ Layout check_quant_args(const char* op, const at::Tensor& w, const at::Tensor& s
   return lay;
 }
 
+void adaround_check_reg_args(const char* op, const at::Tensor& v, double beta) {
+  TORCH_CHECK_TYPE(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, op,
+              ": v must be float32 or float64, got ", v.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, op, ": beta must be positive and finite, got ",
+              beta);
+}
+
+namespace {
+
+constexpr double kZeta = 1.1;
+constexpr double kGamma = -0.1;
+constexpr int64_t kGrain = 16384;
+
 // Calls f(offset, count, s, z) on vector-sized pieces of [0, numel) in parallel, where s and z
 // hold the scale and zero point of each element of the piece.
 template <typename scalar_t, typename F>
-void for_each_piece(int64_t numel, const Layout& lay, const scalar_t* scale, const scalar_t* zp,
+void for_each_piece(int64_t numel, const AdaLayout& lay, const scalar_t* scale, const scalar_t* zp,
                     const F& f) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t kV = Vec::size();
@@ -151,7 +156,7 @@ inline Vec soft_h(const Vec& v, Vec* dh) {
 
 template <typename scalar_t>
 void adaround_forward_kernel(const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
-                             const at::Tensor& zp, int64_t qmin, int64_t qmax, const Layout& lay,
+                             const at::Tensor& zp, int64_t qmin, int64_t qmax, const AdaLayout& lay,
                              bool soft, at::Tensor& out) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -172,7 +177,7 @@ void adaround_forward_kernel(const at::Tensor& w, const at::Tensor& v, const at:
 template <typename scalar_t>
 void adaround_backward_kernel(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& v,
                               const at::Tensor& scale, const at::Tensor& zp, int64_t qmin,
-                              int64_t qmax, const Layout& lay, bool soft, at::Tensor& gw,
+                              int64_t qmax, const AdaLayout& lay, bool soft, at::Tensor& gw,
                               at::Tensor& gv) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
@@ -199,8 +204,8 @@ void adaround_backward_kernel(const at::Tensor& grad, const at::Tensor& w, const
 at::Tensor adaround_fake_quant_cpu(const at::Tensor& w, const at::Tensor& scale,
                                    const at::Tensor& zero_point, const at::Tensor& v, int64_t qmin,
                                    int64_t qmax, std::optional<int64_t> axis, bool soft) {
-  const Layout lay =
-      check_quant_args("adaround_fake_quant", w, scale, zero_point, v, qmin, qmax, axis);
+  const AdaLayout lay =
+      adaround_check_args("adaround_fake_quant", w, scale, zero_point, v, qmin, qmax, axis);
   const at::Tensor wc = w.contiguous(), vc = v.contiguous();
   const at::Tensor s = scale.to(w.scalar_type()).contiguous();
   const at::Tensor z = zero_point.to(w.scalar_type()).contiguous();
@@ -215,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_fake_quant_backward_cpu(
     const at::Tensor& grad, const at::Tensor& w, const at::Tensor& scale,
     const at::Tensor& zero_point, const at::Tensor& v, int64_t qmin, int64_t qmax,
     std::optional<int64_t> axis, bool soft) {
-  const Layout lay = check_quant_args("adaround_fake_quant_backward", w, scale, zero_point, v,
+  const AdaLayout lay = adaround_check_args("adaround_fake_quant_backward", w, scale, zero_point, v,
                                       qmin, qmax, axis);
   TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "adaround_fake_quant_backward: grad has shape ",
               grad.sizes(), ", expected the shape of w ", w.sizes());
@@ -230,15 +235,8 @@ std::tuple<at::Tensor, at::Tensor> adaround_fake_quant_backward_cpu(
   return {gw, gv};
 }
 
-void check_reg_args(const char* op, const at::Tensor& v, double beta) {
-  TORCH_CHECK_TYPE(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, op,
-              ": v must be float32 or float64, got ", v.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, op, ": beta must be positive and finite, got ",
-              beta);
-}
-
 at::Tensor adaround_reg_cpu(const at::Tensor& v, double beta) {
-  check_reg_args("adaround_reg", v, beta);
+  adaround_check_reg_args("adaround_reg", v, beta);
   const at::Tensor vc = v.contiguous();
   at::Tensor out = at::empty({}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "adaround_reg", [&] {
@@ -268,7 +266,7 @@ at::Tensor adaround_reg_cpu(const at::Tensor& v, double beta) {
 }
 
 at::Tensor adaround_reg_backward_cpu(const at::Tensor& grad, const at::Tensor& v, double beta) {
-  check_reg_args("adaround_reg_backward", v, beta);
+  adaround_check_reg_args("adaround_reg_backward", v, beta);
   TORCH_CHECK_VALUE(grad.numel() == 1, "adaround_reg_backward: grad must be a scalar, got shape ",
               grad.sizes());
   const at::Tensor vc = v.contiguous();

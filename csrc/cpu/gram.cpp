@@ -28,6 +28,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "gram_adaround.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -35,6 +37,28 @@
 #include <vector>
 
 namespace ompq {
+
+at::Tensor gram_prepare_input(const at::Tensor& x_in) {
+  TORCH_CHECK_VALUE(x_in.dim() >= 2,
+              "centered_gram: expected an N×D matrix (N samples along dim 0, features flattened), "
+              "got a ", x_in.dim(), "-D tensor of shape ", x_in.sizes());
+  const int64_t n = x_in.size(0);
+  TORCH_CHECK_VALUE(n >= 2, "centered_gram: need at least 2 samples (rows) to centre, got N = ", n);
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "centered_gram: unsupported dtype ", dtype,
+              "; expected float32, float16 or bfloat16 (convert with .float())");
+  at::Tensor x = x_in.reshape({n, -1});
+  if (x.size(1) > 0 && x.stride(1) != 1) x = x.contiguous();
+  return x;
+}
+
+void gram_check_finite(const at::Tensor& out) {
+  TORCH_CHECK_VALUE(at::isfinite(out).all().item<bool>(),
+              "centered_gram: the input contains NaN or Inf (or values so large that the fp32 "
+              "Gram overflows); clean or rescale the features first");
+}
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -197,22 +221,13 @@ void gram_impl(const T* x, int64_t n, int64_t d, int64_t ld, float* out) {
 }
 
 at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
-  TORCH_CHECK_VALUE(x_in.dim() >= 2,
-              "centered_gram: expected an N×D matrix (N samples along dim 0, features flattened), "
-              "got a ", x_in.dim(), "-D tensor of shape ", x_in.sizes());
-  const int64_t n = x_in.size(0);
-  TORCH_CHECK_VALUE(n >= 2, "centered_gram: need at least 2 samples (rows) to centre, got N = ", n);
-  const auto dtype = x_in.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "centered_gram: unsupported dtype ", dtype,
-              "; expected float32, float16 or bfloat16 (convert with .float())");
-  at::Tensor x = x_in.reshape({n, -1});
-  if (x.size(1) > 0 && x.stride(1) != 1) x = x.contiguous();
-  const int64_t d = x.size(1);
+  const at::Tensor x = gram_prepare_input(x_in);
+  const int64_t n = x.size(0), d = x.size(1);
   at::Tensor out = at::zeros({n, n}, x.options().dtype(at::kFloat));
   if (d == 0) return out;
   const int64_t ld = x.stride(0);
   float* o = out.data_ptr<float>();
+  const auto dtype = x.scalar_type();
   if (dtype == at::kFloat) {
     gram_impl(x.const_data_ptr<float>(), n, d, ld, o);
   } else if (dtype == at::kHalf) {
@@ -220,9 +235,7 @@ at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
   } else {
     gram_impl(x.const_data_ptr<at::BFloat16>(), n, d, ld, o);
   }
-  TORCH_CHECK_VALUE(at::isfinite(out).all().item<bool>(),
-              "centered_gram: the input contains NaN or Inf (or values so large that the fp32 "
-              "Gram overflows); clean or rescale the features first");
+  gram_check_finite(out);
   return out;
 }
 
