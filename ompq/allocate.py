@@ -557,6 +557,13 @@ def _problem(profile: Profile, bits: Any, act_bits: Any, pin: Any, tie: Any
                     act=np.array([act[n] for n in names], dtype=np.int64), values=[])
 
 
+def _import_solver(method: str) -> None:
+    if method == "ilp":
+        from ortools.sat.python import cp_model  # noqa: F401
+    else:
+        from scipy.optimize import linprog  # noqa: F401
+
+
 def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
              bits: Any = DEFAULT_BITS, act_bits: Any = 8, pin: Optional[Mapping[str, int]] = None,
              tie: Optional[Sequence[Sequence[str]]] = None, beta: float = DEFAULT_BETA,
@@ -575,9 +582,10 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     "uniform", "random"; `model`, `data`, `seed` are passed on), or a dict layer -> importance.
     Raises InfeasibleBudgetError (with the achievable size/BOPs range) when no assignment fits.
     """
-    t0 = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _import_solver(method)  # one-time import cost is not search time
+    t0 = time.perf_counter()
     if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) \
             or not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
