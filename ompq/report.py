@@ -187,8 +187,9 @@ def plot_bits_importance(names: Sequence[str], bits: Sequence[int],
         ax2.bar(x + width / 2, importance, width, color="tab:orange", label="importance θ")
         ax2.set_ylabel("importance θ (normalised)", color="tab:orange")
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="upper right", fontsize=8)
-    ax.set_title("Per-layer weight bits and importance")
+        ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2,
+                  fontsize=8, frameon=False)
+    ax.set_title("Per-layer weight bits and importance", loc="left")
     return _save(fig, Path(folder), "bits_importance.png")
 
 

@@ -1,0 +1,111 @@
+"""The product commands end to end: `ompq demo` (reduced iterations, still the real pipeline),
+eval/export/report on its outputs, and every user-error path (exit 2, one helpful line)."""
+import json
+
+import pytest
+
+from ompq.cli import main
+
+DEMO_ARGS = ["--fast", "--iters", "2", "--act-iters", "1", "--calib-samples", "64",
+             "--eval-limit", "300", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(["demo", *DEMO_ARGS, "--out", str(out / "rep"), "--json", str(out / "d.json")])
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+def test_demo_table_and_report_folder(demo_dir):
+    out, stdout = demo_dir
+    lines = stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("method"))
+    assert all(k in lines[header] for k in ("size MiB", "GBOPs", "top-1 %", "ptq s", "eval s"))
+    rows = [lines[header + 2 + i].split()[0] for i in range(3)]
+    assert rows == ["fp32", "uniform", "ompq"]
+    rep = out / "rep"
+    for name in ("report.json", "report.md", "orm_heatmap.png", "bits_importance.png",
+                 "pareto.png", "bit_config.json", "profile.json", "bits_per_layer.json",
+                 "hawq_bit_config.json", "model.ompq", "model.onnx"):
+        assert (rep / name).stat().st_size > 0, name
+    d = json.loads((out / "d.json").read_text())
+    res = {r["method"]: r for r in d["results"]}
+    budget = d["size_budget_mb"]
+    assert res["ompq"]["size_mb"] <= budget * (1 + 1e-9)
+    assert res["uniform"]["size_mb"] <= budget * (1 + 1e-9)
+    assert res["fp32"]["size_mb"] > 10 * budget
+    assert all(0.0 <= r["top1"] <= 100.0 for r in d["results"])
+    pk = d["outputs"]["packed"]
+    assert abs(pk["rel_error"]) <= 0.05
+    assert d["outputs"]["onnx_check"]["top1_agreement"] >= 99.0
+
+
+def test_eval_export_report_on_demo_outputs(demo_dir, tmp_path, capsys):
+    out, _ = demo_dir
+    rep = out / "rep"
+    assert main(["eval", "--packed", str(rep / "model.ompq"), "--limit", "300", "--no-progress",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    demo = {r["method"]: r for r in json.loads((out / "d.json").read_text())["results"]}
+    assert e["n"] == 300 and e["top1"] == pytest.approx(demo["ompq"]["top1"])
+    assert main(["export", "--packed", str(rep / "model.ompq"), "--onnx", str(tmp_path / "m.onnx"),
+                 "--check-limit", "200", "--hawq", str(tmp_path / "h.json"), "--layer-json",
+                 str(tmp_path / "l.json"), "--no-progress", "--json", str(tmp_path / "x.json")]) == 0
+    x = json.loads((tmp_path / "x.json").read_text())
+    assert x["onnx_check"]["n"] == 200 and x["onnx_check"]["top1_agreement"] >= 99.0
+    layer = json.loads((tmp_path / "l.json").read_text())
+    assert set(layer) == set(json.loads((rep / "bit_config.json").read_text())["weight_bits"])
+    assert main(["report", str(rep), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "pareto.png").exists()
+    assert "summary:" in capsys.readouterr().out
+
+
+def _fails(capsys, argv, *needles):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (rc, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_error_unknown_model(capsys):
+    _fails(capsys, ["quantize", "--model", "resnet9000", "--size-mb", "0.1", "--no-progress"],
+           "resnet9000", "resnet20")
+
+
+def test_error_unreadable_data(capsys, tmp_path):
+    _fails(capsys, ["quantize", "--data", f"imagefolder:{tmp_path / 'nope'}", "--size-mb", "0.1",
+                    "--no-progress"], "nope", "imagefolder:PATH")
+    _fails(capsys, ["eval", "--data", "mnist-nope", "--no-progress"], "mnist-nope")
+
+
+def test_error_infeasible_budget(capsys):
+    _fails(capsys, ["quantize", "--size-mb", "0.001", "--no-progress"], "--size-mb", "MiB")
+
+
+def test_error_mismatched_layer_names(capsys, tmp_path):
+    bad = tmp_path / "bits.json"
+    bad.write_text(json.dumps({"conv1": {"w_bits": 4}, "not.a.layer": {"w_bits": 3}}))
+    _fails(capsys, ["quantize", "--bit-config", str(bad), "--no-progress"], "not.a.layer",
+           "layer1.0.conv1")
+
+
+def test_error_packed_into_wrong_model(capsys, demo_dir):
+    out, _ = demo_dir
+    _fails(capsys, ["eval", "--packed", str(out / "rep" / "model.ompq"), "--model",
+                    "ompq.zoo.models:mobilenetv2", "--no-progress"], "architecture")
+
+
+def test_error_report_and_export_usage(capsys, tmp_path):
+    _fails(capsys, ["report", str(tmp_path / "missing.json")], "does not exist")
+    _fails(capsys, ["export", "--bit-config", str(tmp_path / "x.json")], "--onnx")
+    _fails(capsys, ["demo", "--avg-bits", "0.5", "--no-progress"], "--avg-bits")
