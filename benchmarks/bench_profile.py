@@ -7,10 +7,11 @@ Measured in ONE run, interleaved (A B C A B C ...), medians over `--rounds` roun
   (a) forward  — a plain inference forward of the same batch (eval, torch.inference_mode);
   (c) ompq     — ompq.profile (one forward, a centred Gram per layer in hooks, one L×N² product);
   naive hook   — context: a forward hook per layer that centres and multiplies with plain torch.
-Once: (b) reference — keep every layer's feature, then a Python double loop over the pairs
-  i < j that recomputes both centred Grams for each pair (as the original code does). It is slow,
-  so `--ref-pairs` random pairs are timed and the pair time is extrapolated to all L(L−1)/2 pairs
-  (stated in the output); the forward that keeps the features is timed in full.
+Once: (b) reference — keep every layer's feature, then a Python double loop over all L×L
+  ordered pairs (i, j) that recomputes both Grams (x xᵀ, then centred) for each pair, as the
+  original code does (mixed_bit/feature_extract.py + ORM.py). It is slow, so `--ref-pairs` random
+  pairs are timed and the pair time is extrapolated to all L² pairs (stated in the output); the
+  forward that keeps the features is timed in full.
 Peak RSS (resource.getrusage ru_maxrss) of (a) and (c), each in its own fresh subprocess.
 
 Targets (issue 2): ompq ≤ 1.2 × forward time; ≥ 20 × faster than (b); peak RSS ≤ 1.3 × forward's.
@@ -159,18 +160,23 @@ def run_reference(model, x, pairs: int, seed: int = 0) -> dict:
             h.remove()
     t_forward = time.perf_counter() - t0
     num = len(feats)
-    all_pairs = [(i, j) for i in range(num) for j in range(i + 1, num)]
+    # the original loops over ALL ordered pairs (i, j), diagonal included
+    all_pairs = [(i, j) for i in range(num) for j in range(num)]
     subset = random.Random(seed).sample(all_pairs, min(pairs, len(all_pairs)))
 
-    def gram(f):
+    def gram(f):  # the original's gram_linear: uncentred x xᵀ
         f = f.reshape(f.shape[0], -1)
-        f = f - f.mean(0, keepdim=True)
         return f @ f.T
+
+    def center(k):  # the original's center_gram (biased): H K H via row/column means
+        means = k.mean(0, dtype=torch.float64)
+        means = means - means.mean() / 2
+        return k.double() - means[:, None] - means[None, :]
 
     t1 = time.perf_counter()
     with torch.inference_mode():
-        for i, j in subset:  # the original double loop body
-            ki, kj = gram(feats[i]), gram(feats[j])
+        for i, j in subset:  # the original double loop body: both Grams recomputed per pair
+            ki, kj = center(gram(feats[i])), center(gram(feats[j]))
             float((ki * kj).sum() / (ki.norm() * kj.norm()))
     t_pairs = time.perf_counter() - t1
     feat_bytes = sum(f.numel() * f.element_size() for f in feats)
@@ -232,6 +238,8 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # per-round ratios: robust to load drifting between rounds on a shared machine
+    paired = [o / f for o, f in zip(times["ompq"], times["forward"])]
     ref = None if args.skip_reference else run_reference(model, x, args.ref_pairs)
     rss = None
     if not args.skip_rss:
@@ -245,6 +253,8 @@ def main() -> None:
         "times_s": times, "median_s": med,
         "ratio_ompq_vs_forward": med["ompq"] / med["forward"],
         "ratio_naive_vs_forward": med["naive_hook"] / med["forward"],
+        "paired_ratios_ompq_vs_forward": paired,
+        "median_paired_ratio_ompq_vs_forward": statistics.median(paired),
         "reference": ref, "rss": rss,
         "ompq_internal_timings_s": PROFILE_TIMINGS[-args.rounds:],
     }
@@ -254,6 +264,8 @@ def main() -> None:
           f"{result['ratio_ompq_vs_forward']:.3f} x forward   (target <= 1.2)")
     print(f"      naive hook           {med['naive_hook']:8.3f} s   ratio "
           f"{result['ratio_naive_vs_forward']:.3f} x forward")
+    print(f"      per-round ratios ompq/forward: {', '.join(f'{r:.3f}' for r in paired)}; "
+          f"median {statistics.median(paired):.3f}")
     gram = statistics.median(t["gram"] for t in PROFILE_TIMINGS[-args.rounds:])
     print(f"      (inside ompq: Gram work {gram:.3f} s, "
           f"{100 * gram / med['ompq']:.1f} % of its time)")
