@@ -466,8 +466,38 @@ def _lp_round(problem: _Problem, cap_size: Optional[int], cap_bops: Optional[int
             for n, c in zip(names, cont)]
     units = [g for g in problem.groups] + [[i] for i in range(num)
                                            if not any(i in g for g in problem.groups)]
+    bits = _repair(problem, bits, units, cap_size, cap_bops)  # LP tolerance could overshoot
     bits = _greedy_raise(problem, bits, units, cap_size, cap_bops)
     return bits, "LP_ROUNDED" if res.status == 0 else "LP_FAILED_ROUNDED"
+
+
+def _fits(problem: _Problem, bits: Sequence[int], cap_size: Optional[int],
+          cap_bops: Optional[int]) -> bool:
+    return (cap_size is None or problem.size_bits(bits) <= cap_size) and \
+        (cap_bops is None or problem.bops(bits) <= cap_bops)
+
+
+def _repair(problem: _Problem, bits: list[int], units: list[list[int]],
+            cap_size: Optional[int], cap_bops: Optional[int]) -> list[int]:
+    """Lower units one candidate step (least objective loss first) until the budgets hold.
+
+    Terminates feasible: the all-minimum assignment meets the budgets (checked by `_caps`).
+    """
+    while not _fits(problem, bits, cap_size, cap_bops):
+        best, best_loss = None, math.inf
+        for u in units:
+            cands = problem.cand[problem.names[u[0]]]
+            down = [b for b in cands if b < bits[u[0]]]
+            if not down:
+                continue
+            loss = sum(problem.values[i][bits[i]] - problem.values[i][down[-1]] for i in u)
+            if loss < best_loss:
+                best, best_loss = (u, down[-1]), loss
+        if best is None:
+            break
+        for i in best[0]:
+            bits[i] = best[1]
+    return bits
 
 
 def _greedy_raise(problem: _Problem, bits: list[int], units: list[list[int]],

@@ -1,4 +1,5 @@
 """Bit allocation (ompq.allocate): exactness vs brute force, budgets, errors, JSON."""
+import importlib
 import itertools
 import json
 import math
@@ -283,3 +284,13 @@ def test_match_names_exact_and_glob():
     names = ["a.b", "a.c", "ab"]
     assert match_names("a.*", names) == ["a.b", "a.c"]
     assert match_names("ab", names) == ["ab"]
+
+
+def test_lp_round_repair_lowers_an_overshooting_rounding():
+    alloc = importlib.import_module("ompq.allocate")
+    prof = make_profile(6, seed=1)
+    problem = alloc._problem(prof, (2, 4, 8), 8, None, None)
+    _, _, problem.values, _ = alloc._values(prof, "orm", 3.0, problem.cand, None, None, 0)
+    cap = problem.size_bits([4] * 6)
+    bits = alloc._repair(problem, [8] * 6, [[i] for i in range(6)], cap, None)
+    assert problem.size_bits(bits) <= cap and set(bits) <= {2, 4, 8}
