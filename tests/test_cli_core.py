@@ -76,6 +76,15 @@ def test_allocate_command_single_and_sweep(netmod, tmp_path, capsys):
     assert all(set(c.weight_bits.values()) <= {2, 4, 8} for c in cfgs)
 
 
+def test_json_to_stdout_is_pure_json(netmod, capsys):
+    assert main(["allocate", "-m", f"{netmod}:build", *DATA, "--size-mb", "0.002",
+                 "--json", "-"]) == 0
+    cfg = BitConfig.from_json(capsys.readouterr().out)
+    assert cfg.size_mb <= 0.002
+    assert main(["profile", "-m", f"{netmod}:build", *DATA, "--json", "-"]) == 0
+    assert Profile.from_json(capsys.readouterr().out).names[0] == "conv1"
+
+
 def test_allocate_command_profiles_a_model(netmod, tmp_path, capsys):
     path = tmp_path / "c.json"
     assert main(["allocate", "-m", f"{netmod}:build", *DATA, "--bops-g", "0.03",

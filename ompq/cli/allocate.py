@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from ._common import (add_json_arg, parse_float_list, parse_int_list, print_table,
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                        time_limit_s=args.time_limit, progress=args.progress)
     print(f"allocated {len(prof.layers)} layers of {prof.model} ({args.method}, proxy "
           f"{args.proxy})", file=sys.stderr)
-    _print_configs(prof, configs)
+    with contextlib.redirect_stdout(sys.stderr if args.json == "-" else sys.stdout):
+        _print_configs(prof, configs)  # keep stdout pure JSON with --json -
     if args.json:
         text = configs[0].to_json() if len(configs) == 1 else save_bit_configs(configs)
         write_json_output(text, args.json)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from ._common import (add_data_arg, add_json_arg, add_model_arg, add_progress_arg, print_table,
@@ -71,7 +72,8 @@ def print_profile(prof) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prof = compute_profile(args)
-    print_profile(prof)
+    with contextlib.redirect_stdout(sys.stderr if args.json == "-" else sys.stdout):
+        print_profile(prof)  # keep stdout pure JSON with --json -
     if args.json:
         write_json_output(prof.to_json(), args.json)
     return 0
