@@ -633,6 +633,10 @@ def _batches(data: Any, batch_size: int, limit: Optional[int]) -> Iterable[Tenso
         for i in range(0, xs.size(0), batch_size):
             yield xs[i:i + batch_size]
         return
+    tensors = getattr(data, "tensors", None)
+    if tensors is not None:  # TensorDataset: slice instead of stacking items one by one
+        yield from _batches(tensors[0], batch_size, limit)
+        return
     n = len(data) if limit is None else min(limit, len(data))
     for i in range(0, n, batch_size):
         items = [data[j] for j in range(i, min(i + batch_size, n))]
