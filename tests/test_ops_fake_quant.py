@@ -3,10 +3,11 @@
 The compiled ops must equal `ompq.reference` and torch's own fake-quant ops bit for bit in the
 forward and for grad_x; grad_scale / grad_zero_point are sums, equal up to summation order.
 
-Why there is no numerical `torch.autograd.gradcheck`: the forward is piecewise constant in x, scale
-and the (rounded) zero point, so finite differences give 0 (or a jump) where the straight-through
-and LSQ estimators give their defined surrogate gradients. Instead every backward is checked as a
-full Jacobian (float64) against the reference's autograd formulas and, in float32, against
+Gradients: the forward is piecewise constant in x, scale and the (rounded) zero point, so finite
+differences give 0 (or a jump) where the straight-through and LSQ estimators give their defined
+surrogate gradients. A numerical `torch.autograd.gradcheck` therefore runs only where the
+estimators are true derivatives (all elements clipped); everywhere else every backward is checked
+as a full Jacobian (float64) against the reference's autograd formulas and, in float32, against
 torch's built-in autograd formulas; `torch.library.opcheck` checks the autograd/fake registrations.
 """
 from __future__ import annotations
