@@ -58,7 +58,7 @@ import os
 import struct
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -431,7 +431,7 @@ def _restore_layer(name: str, mod: nn.Module, meta: dict, arrays: Mapping[str, n
 
 
 # ============================================================================ ONNX
-_ONNX_INT = {  # (signed, container bits) -> (torch dtype, ONNX elem type name)
+_ONNX_INT = {  # (signed, container bits) -> torch dtype of the QDQ integer tensors
     (True, 8): torch.int8, (False, 8): torch.uint8,
     (True, 16): torch.int16, (False, 16): torch.uint16,
 }
@@ -728,8 +728,6 @@ def from_hawq_bit_config(d: Mapping[str, int], *, layer_names: Optional[Sequence
     Returns:
         A BitConfig (proxy "custom", size/BOPs left 0: compute them with the model's layers).
     """
-    from .allocate import BitConfig
-
     name_map = dict(name_map or {})
     wb: dict[str, int] = {}
     ab: dict[str, int] = {}
