@@ -263,7 +263,13 @@ void fq_forward_seg_impl(const T* x, T* y, int64_t n, const Coef<T>& k) {
       out.store(y + i);
     }
   }
-  for (; i < n; ++i) y[i] = fq_scalar(x[i], k);
+  if (i < n) {  // partial vector (masked load/store on AVX-512): same arithmetic as above
+    const int64_t m = n - i;
+    V q = (V::loadu(x + i, m) * vinv).round() + vz;
+    q = V::blendv(vqmin, q, q >= vqmin);
+    q = V::blendv(q, vqmax, q > vqmax);
+    ((q - vz) * vs).store(y + i, m);
+  }
 }
 
 template <typename T>
@@ -297,7 +303,11 @@ void fq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T
       out.store(gx + i);
     }
   }
-  for (; i < n; ++i) scalar(i);
+  if (i < n) {  // partial vector
+    const int64_t m = n - i;
+    const V q = (V::loadu(x + i, m) * vinv).round() + vz;
+    (V::loadu(g + i, m) * ((q >= vqmin) & (q <= vqmax) & one)).store(gx + i, m);
+  }
 }
 
 template <typename T>
@@ -345,31 +355,44 @@ void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<
   if (kStream) {
     for (const int64_t h = head_to_align(gx, n); i < h; ++i) lsq_scalar(g[i], x[i], gx + i, ds, dz, k);
   }
-  while (i + V::size() <= n) {
-    V acc_s(T(0)), acc_z(T(0));
-    const int64_t stop = std::min<int64_t>(n - V::size() + 1, i + kFlush * V::size());
-    for (; i < stop; i += V::size()) {
-      const V gv = V::loadu(g + i);
-      const V xv = V::loadu(x + i);
-      const V xq = (vz + xv * vinv).round();
-      const V in_mask = (xq >= vqmin) & (xq <= vqmax);
-      const V hi_mask = xq > vqmax;
-      const V out = gv * (in_mask & one);
-      if (kStream) {
-        stream_store(out, gx + i);
-      } else {
-        out.store(gx + i);
-      }
-      const V xc = V::blendv(V::blendv(vqmin, xq, xq >= vqmin), vqmax, hi_mask);
-      const V ds_in = ((gv * ((xc - vz) * vs - xv)) * vinv) * vgf;
-      const V ds_out = (gv * V::blendv(vlow, vhigh, hi_mask)) * vgf;
-      acc_s = acc_s + V::blendv(ds_out, ds_in, in_mask);
-      acc_z = acc_z + V::blendv(((gv * vneg_s) * vs) * vgf, zero, in_mask);
+  V acc_s(T(0)), acc_z(T(0));
+  // One vector of elements [i, i + m); lanes past m are loaded as g = 0, x = 0 and contribute
+  // exactly 0 to both sums (x = 0 quantizes inside the range, where the term is g * ... = 0).
+  auto step = [&](int64_t m) {
+    const bool full = m == V::size();
+    const V gv = full ? V::loadu(g + i) : V::loadu(g + i, m);
+    const V xv = full ? V::loadu(x + i) : V::loadu(x + i, m);
+    const V xq = (vz + xv * vinv).round();
+    const V in_mask = (xq >= vqmin) & (xq <= vqmax);
+    const V hi_mask = xq > vqmax;
+    const V out = gv * (in_mask & one);
+    if (!full) {
+      out.store(gx + i, m);
+    } else if (kStream) {
+      stream_store(out, gx + i);
+    } else {
+      out.store(gx + i);
     }
-    ds += hsum(acc_s);
-    dz += hsum(acc_z);
+    const V xc = V::blendv(V::blendv(vqmin, xq, xq >= vqmin), vqmax, hi_mask);
+    const V ds_in = ((gv * ((xc - vz) * vs - xv)) * vinv) * vgf;
+    const V ds_out = (gv * V::blendv(vlow, vhigh, hi_mask)) * vgf;
+    acc_s = acc_s + V::blendv(ds_out, ds_in, in_mask);
+    acc_z = acc_z + V::blendv(((gv * vneg_s) * vs) * vgf, zero, in_mask);
+  };
+  int64_t since_flush = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    step(V::size());
+    if (++since_flush == kFlush) {  // flush the T accumulators into double
+      ds += hsum(acc_s);
+      dz += hsum(acc_z);
+      acc_s = V(T(0));
+      acc_z = V(T(0));
+      since_flush = 0;
+    }
   }
-  for (; i < n; ++i) lsq_scalar(g[i], x[i], gx + i, ds, dz, k);
+  if (i < n) step(n - i);
+  ds += hsum(acc_s);
+  dz += hsum(acc_z);
 }
 
 template <typename T>
