@@ -232,14 +232,18 @@ def main() -> None:
     run_forward(model, x[:4])  # warm-up (allocator, kernels)
     run_ompq(model, x[:8])
     times = {"forward": [], "ompq": [], "naive_hook": []}
+    cpu = {k: [] for k in times}  # process CPU seconds (user+sys): steadier on a shared machine
     for r in range(args.rounds):
         for name, fn in (("forward", run_forward), ("ompq", run_ompq), ("naive_hook", run_naive)):
+            c0 = time.process_time()
             times[name].append(fn(model, x))
+            cpu[name].append(time.process_time() - c0)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     # per-round ratios: robust to load drifting between rounds on a shared machine
     paired = [o / f for o, f in zip(times["ompq"], times["forward"])]
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     ref = None if args.skip_reference else run_reference(model, x, args.ref_pairs)
     rss = None
     if not args.skip_rss:
@@ -253,6 +257,9 @@ def main() -> None:
         "times_s": times, "median_s": med,
         "ratio_ompq_vs_forward": med["ompq"] / med["forward"],
         "ratio_naive_vs_forward": med["naive_hook"] / med["forward"],
+        "cpu_times_s": cpu, "median_cpu_s": med_cpu,
+        "ratio_cpu_ompq_vs_forward": med_cpu["ompq"] / med_cpu["forward"],
+        "ratio_cpu_naive_vs_forward": med_cpu["naive_hook"] / med_cpu["forward"],
         "paired_ratios_ompq_vs_forward": paired,
         "median_paired_ratio_ompq_vs_forward": statistics.median(paired),
         "reference": ref, "rss": rss,
@@ -266,6 +273,9 @@ def main() -> None:
           f"{result['ratio_naive_vs_forward']:.3f} x forward")
     print(f"      per-round ratios ompq/forward: {', '.join(f'{r:.3f}' for r in paired)}; "
           f"median {statistics.median(paired):.3f}")
+    print(f"      process CPU time (median): forward {med_cpu['forward']:.2f} s, ompq "
+          f"{med_cpu['ompq']:.2f} s (ratio {med_cpu['ompq'] / med_cpu['forward']:.3f}), naive "
+          f"{med_cpu['naive_hook']:.2f} s (ratio {med_cpu['naive_hook'] / med_cpu['forward']:.3f})")
     gram = statistics.median(t["gram"] for t in PROFILE_TIMINGS[-args.rounds:])
     print(f"      (inside ompq: Gram work {gram:.3f} s, "
           f"{100 * gram / med['ompq']:.1f} % of its time)")
