@@ -190,10 +190,13 @@ def test_shipped_checkpoint_accuracy(name):
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.state_dict().values()
                if p.is_floating_point())
+    assert 0 < meta["test_top1"] <= 100 and meta["test_samples"] == 10000
+    # the full 10 000-image check costs too much CPU for CI; the checkpoint's JSON also records
+    # the accuracy on the first QUICK_TEST test images, which must be reproduced here
     x, y = D.fashion_mnist("test").tensors
-    n = meta.get("test_samples", 10000)
-    top1, _ = T.evaluate_top1(model, x[:n], y[:n], batch_size=1000)
-    assert top1 == pytest.approx(meta["test_top1"], abs=0.3)
+    n = T.QUICK_TEST
+    top1, _ = T.evaluate_top1(model, x[:n], y[:n], batch_size=500)
+    assert top1 == pytest.approx(meta[f"test_top1_first{n}"], abs=0.3)
 
 
 # --------------------------------------------------------------------------- training
