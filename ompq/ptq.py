@@ -221,7 +221,7 @@ def _reconstruct_weights(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: i
         opt.step()
     for m, wq in layers:
         wq.bake_adaround(m.weight)
-    return {"rec_loss": float(rec), "round_loss": float(reg)}
+    return {"rec_loss": float(rec.detach()), "round_loss": float(reg.detach())}
 
 
 def _learn_act_scales(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: int, batch_size: int,

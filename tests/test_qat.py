@@ -1,0 +1,97 @@
+"""QAT: an interrupted and resumed run ends with exactly the weights of an uninterrupted one;
+torchrun with 2 CPU processes (gloo)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from torch import nn
+
+from ompq.qat import CHECKPOINT_NAME, qat
+from ompq.quantizers import QuantConv, QuantLinear
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                         nn.ReLU(), nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * 8 * 8, 3)).eval()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    return x, y
+
+
+CFG = {"0": 4, "5": 3}
+
+
+def _run(tmp, **kw):
+    stats = {}
+    m = qat(_model(), CFG, _data(), epochs=3, lr=0.05, batch_size=32, checkpoint_dir=tmp,
+            progress=False, stats=stats, **kw)
+    return m, stats
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    full, s_full = _run(tmp_path / "a")
+    assert s_full["steps"] == 9 and (tmp_path / "a" / CHECKPOINT_NAME).exists()
+    assert isinstance(full[0], QuantConv) and isinstance(full[5], QuantLinear)
+    assert isinstance(full[1], nn.Identity)  # BN folded
+    part, s_part = _run(tmp_path / "b", max_steps=5)  # killed in the middle of epoch 2
+    assert s_part["interrupted"] and s_part["steps"] == 5
+    ckpt = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["epoch"] == 0
+    resumed, s_res = _run(tmp_path / "b")
+    assert s_res["start_epoch"] == 1 and s_res["steps"] == 9
+    fs, rs = full.state_dict(), resumed.state_dict()
+    assert fs.keys() == rs.keys()
+    for k in fs:
+        assert torch.equal(fs[k], rs[k]), k
+    # training moved the weights and the learned step sizes
+    assert not torch.equal(fs["0.weight_quantizer.scale"], part.state_dict()["0.weight_quantizer.scale"]) \
+        or not torch.equal(fs["0.weight"], part.state_dict()["0.weight"])
+
+
+def test_ste_method_and_bits_mismatch(tmp_path):
+    m, _ = _run(tmp_path, method="ste")
+    assert m[0].weight_quantizer.symmetric and m[0].weight_quantizer.dynamic
+    try:
+        qat(_model(), {"0": 8, "5": 3}, _data(), epochs=3, batch_size=32, checkpoint_dir=tmp_path,
+            progress=False)
+    except ValueError as e:
+        assert "differ from the bit_config" in str(e)
+    else:
+        raise AssertionError("resuming with other bits must fail")
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_qat import _model, _data, CFG
+    from ompq.qat import qat
+    import torch.distributed as dist
+    stats = {{}}
+    m = qat(_model(), CFG, _data(), epochs=2, lr=0.05, batch_size=32, progress=False,
+            checkpoint_dir={ckpt!r}, stats=stats)
+    torch.save(m.state_dict(), {out!r} + str(stats["rank"]) + ".pt")
+    assert stats["world_size"] == 2
+""")
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), ckpt=str(tmp_path / "ck"),
+                                    out=str(tmp_path / "rank")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29517", str(script)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt")
+    b = torch.load(tmp_path / "rank1.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # DDP kept the replicas identical
+    assert (tmp_path / "ck" / CHECKPOINT_NAME).exists()
