@@ -645,12 +645,16 @@ def _batches(data: Any, batch_size: int, limit: Optional[int]) -> Iterable[Tenso
 
 @torch.no_grad()
 def check_onnx(path: PathLike, model: nn.Module, data: Any, *, limit: Optional[int] = None,
-               batch_size: int = 256, progress: bool = False) -> dict:
+               batch_size: int = 256, progress: bool = False, optimize: bool = True) -> dict:
     """Run an exported ONNX file in onnxruntime against the PyTorch fake-quant `model`.
 
     Args:
         data: a tensor of inputs or a Dataset (items `x` or `(x, y)`).
         limit: use the first `limit` samples (default: all).
+        optimize: let onnxruntime fuse the QDQ pattern into its integer kernels (QLinearConv
+            etc., as deployed; their requantization rounds differently from fp32 fake quant).
+            False runs the graph op by op (float conv between QDQ pairs), which isolates the
+            export itself from the integer kernels' rounding.
 
     Returns:
         ``{"n", "max_abs_diff", "mean_abs_diff", "top1_agreement" (%), "seconds"}``.
@@ -661,6 +665,8 @@ def check_onnx(path: PathLike, model: nn.Module, data: Any, *, limit: Optional[i
     t0 = time.perf_counter()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, min(2, os.cpu_count() or 1))
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
     model = model.eval()
