@@ -223,7 +223,7 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
     net.eval()
     if stats is not None:
         stats.update({"start_epoch": start_epoch, "steps": step, "interrupted": interrupted,
-                      "seconds": time.perf_counter() - t0, "last_loss": float(loss),
+                      "seconds": time.perf_counter() - t0, "last_loss": float(loss.detach()),
                       "rank": rank, "world_size": world})
     return net
 

@@ -95,15 +95,17 @@ def test_ptq_8bit_close_to_fp32():
     assert abs(evaluate(q, test, progress=False)["top1"] - fp) <= 0.5
 
 
-def test_adaround_beats_nearest_at_3_bits():
+def test_adaround_beats_nearest_at_2_bits():
+    # (this tiny net loses < 0.5 point at 3 bits with nearest rounding, so 2 bits is the test)
     m = _trained()
     (x, _), test = _data()
-    cfg = {n: 3 for n in _names(m)}
+    cfg = {n: 2 for n in _names(m)}
     rtn = ptq(m, cfg, x, num_samples=512, iters=0, act_iters=0, progress=False)
-    ada = ptq(m, cfg, x, num_samples=512, iters=300, act_iters=0, progress=False)
+    ada = ptq(m, cfg, x, num_samples=512, iters=300, act_iters=0, batch_size=64,
+              progress=False)
     acc_rtn = evaluate(rtn, test, progress=False)["top1"]
     acc_ada = evaluate(ada, test, progress=False)["top1"]
-    assert acc_ada > acc_rtn, (acc_ada, acc_rtn)
+    assert acc_ada > acc_rtn + 5, (acc_ada, acc_rtn)
     # the learned rounding is baked into on-grid weights
     layer = dict(quant_layers(ada))["res.c1"]
     wq = layer.weight_quantizer
