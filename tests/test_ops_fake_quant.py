@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from ompq import ops, reference
 
 OPS = torch.ops.ompq
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -152,6 +152,9 @@ def test_fake_quant_matches_reference_and_torch(case):
 def test_lsq_matches_reference_and_torch(case, gf):
     x, s, z, qmin, qmax, axis, g = case
     z = z + 0.3  # learnable zero points are rounded in the forward
+    # Elements within float rounding of a .5 tie of the backward's nearbyint(zp + x * inv) may be
+    # classified differently by the vectorised kernel and the reference: masked out (gradient 0).
+    g = g * ~_near_tie(x, s, z.round().clamp(qmin, qmax), axis)
     ours = _run(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf), x, s, z, g)
     ref = _run(lambda a, b, c: reference.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf),
                x, s, z, g)
