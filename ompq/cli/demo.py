@@ -20,9 +20,9 @@ from .quantize import (MIB, CLIError, add_common_args, emit_json, guard, model_l
                        parse_bits, resolve_model, results_table, run_flow, write_outputs)
 
 #: Default reconstruction effort, sized so the demo (two PTQ runs) ends in < 5 min on 2 cores.
-DEFAULT_ITERS = 40
-DEFAULT_ACT_ITERS = 5
-DEFAULT_CALIB = 256
+DEFAULT_ITERS = 300
+DEFAULT_ACT_ITERS = 30
+DEFAULT_CALIB = 512
 #: --fast: fewer iterations, a calibration/eval subset — still the real pipeline (for CI).
 FAST = {"iters": 10, "act_iters": 2, "calib_samples": 128, "profile_samples": 32,
         "eval_limit": 1000, "onnx_check_limit": 256}
