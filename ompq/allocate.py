@@ -533,8 +533,9 @@ def _greedy_raise(problem: _Problem, bits: list[int], units: list[list[int]],
 # ----------------------------------------------------------------------------- values
 def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int, ...]],
             model: Any, data: Any, seed: int) -> tuple[str, dict[str, float],
-                                                       list[dict[int, float]], float]:
-    """(proxy name, importance, values[i][b], proxy seconds)."""
+                                                       list[dict[int, float]], float,
+                                                       Optional[list[list[str]]]]:
+    """(proxy name, importance, values[i][b], proxy seconds, tie groups the proxy requires)."""
     names = profile.names
     if isinstance(proxy, Mapping):
         unknown = [k for k in proxy if k not in set(names)]
@@ -550,11 +551,11 @@ def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int
                 raise ValueError(f"custom importance of layer {n!r} must be a finite number, "
                                  f"got {v!r}")
             imp[n] = float(v)
-        return "custom", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0
+        return "custom", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0, None
     if proxy == "orm":
         w = orm_importance(profile.orm, beta)
         imp = {n: float(v) for n, v in zip(names, w)}
-        return "orm", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0
+        return "orm", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0, None
     if not isinstance(proxy, str):
         raise TypeError(f"proxy must be a name or a dict layer -> importance, got {proxy!r}")
     from . import proxies  # lazy: optional heavier dependencies
@@ -569,7 +570,7 @@ def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int
             raise ValueError(f"proxy {proxy!r} gave non-finite values for layer {n!r}: {row}")
         values.append(row)
     imp = {n: float(res.importance.get(n, 0.0)) for n in names}
-    return proxy, imp, values, float(res.seconds)
+    return proxy, imp, values, float(res.seconds), getattr(res, "tie", None)
 
 
 def _problem(profile: Profile, bits: Any, act_bits: Any, pin: Any, tie: Any
@@ -622,8 +623,11 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     budgets, sweep = _budgets(size_mb, bops_g)
     problem = _problem(profile, bits, act_bits, pin, tie)
     caps = [_caps(problem, s, b) for s, b in budgets]
-    proxy_name, importance, problem.values, proxy_s = _values(profile, proxy, beta, problem.cand,
-                                                              model, data, seed)
+    proxy_name, importance, problem.values, proxy_s, proxy_tie = _values(
+        profile, proxy, beta, problem.cand, model, data, seed)
+    if proxy_tie:  # e.g. "uniform": every layer shares one width
+        problem.groups = _tie_groups(problem.names, list(tie or []) + list(proxy_tie),
+                                     problem.cand)
     if proxy_name in ("orm", "custom"):
         problem.weights = np.array([importance[n] for n in problem.names])
     solver = _CpSat(problem, seed, time_limit_s) if method == "ilp" else None

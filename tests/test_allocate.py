@@ -290,7 +290,17 @@ def test_lp_round_repair_lowers_an_overshooting_rounding():
     alloc = importlib.import_module("ompq.allocate")
     prof = make_profile(6, seed=1)
     problem = alloc._problem(prof, (2, 4, 8), 8, None, None)
-    _, _, problem.values, _ = alloc._values(prof, "orm", 3.0, problem.cand, None, None, 0)
+    _, _, problem.values, _, _ = alloc._values(prof, "orm", 3.0, problem.cand, None, None, 0)
     cap = problem.size_bits([4] * 6)
     bits = alloc._repair(problem, [8] * 6, [[i] for i in range(6)], cap, None)
     assert problem.size_bits(bits) <= cap and set(bits) <= {2, 4, 8}
+
+
+def test_uniform_proxy_gives_highest_uniform_width_that_fits():
+    prof = make_profile(num=5, seed=3)
+    total = sum(layer.params for layer in prof.layers)
+    for width in (2, 3, 4, 6):
+        budget = (width + 0.5) * total / MIB  # room for `width`, not for the next one up
+        cfg = allocate(prof, size_mb=budget, bits=(2, 3, 4, 5, 6, 8), proxy="uniform")
+        assert set(cfg.weight_bits.values()) == {width}
+        assert cfg.proxy == "uniform" and cfg.size_mb <= budget
