@@ -7,16 +7,7 @@
 //   reg   = Σ 1 − |2h(v) − 1|^β
 // Semantics follow ompq/reference.py. Vectorised with at::vec, parallel with at::parallel_for.
 
-// Use the widest at::vec implementation the compiler targets (see gram.cpp).
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+#include "vec_capability.h"  // first: picks the at::vec implementation
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -33,15 +33,7 @@
 // float32 and float64 are computed natively; float16/bfloat16 are converted to float32 in small
 // blocks (as torch's reduced-precision kernels compute in float).
 
-// Use the widest at::vec implementation the compiler targets (setup.py builds with
-// -march=native unless OMPQ_PORTABLE=1; a portable build uses the generic implementation).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "vec_capability.h"  // first: picks the at::vec implementation
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -9,18 +9,7 @@
 // end. Centring happens BEFORE the product, so a large mean does not cancel catastrophically.
 // No N×D temporary is allocated.
 
-// Use the widest at::vec implementation the compiler targets (the extension is built with
-// -march=native unless OMPQ_PORTABLE=1). Every capability has its own inline namespace
-// (at::vec::AVX512, at::vec::AVX2, ...), so this cannot clash with other translation units.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+#include "vec_capability.h"  // first: picks the at::vec implementation
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
