@@ -97,14 +97,14 @@ def test_allocate_command_errors(netmod, tmp_path, capsys):
     ppath = tmp_path / "p.json"
     main(["profile", "-m", f"{netmod}:build", *DATA, "--json", str(ppath)])
     capsys.readouterr()
-    assert main(["allocate", "--profile", str(ppath)]) == 1
+    assert main(["allocate", "--profile", str(ppath)]) == 2
     assert "give a budget" in capsys.readouterr().err
-    assert main(["allocate", "--profile", str(ppath), "--size-mb", "1e-6"]) == 1
+    assert main(["allocate", "--profile", str(ppath), "--size-mb", "1e-6"]) == 2
     err = capsys.readouterr().err
     assert "no bit assignment meets the budget" in err and "MiB" in err
-    assert main(["allocate", "--profile", str(ppath), "--size-mb", "1", "--pin", "fc"]) == 1
+    assert main(["allocate", "--profile", str(ppath), "--size-mb", "1", "--pin", "fc"]) == 2
     assert "PATTERN=BITS" in capsys.readouterr().err
-    assert main(["allocate", "--profile", str(ppath), "--size-mb", "x"]) == 1
+    assert main(["allocate", "--profile", str(ppath), "--size-mb", "x"]) == 2
     assert "comma-separated numbers" in capsys.readouterr().err
 
 
@@ -137,7 +137,7 @@ def test_model_resolution_forms(netmod, tmp_path):
 
 
 def test_profile_command_bad_model_is_a_clear_error(capsys):
-    assert main(["profile", "--model", "no_such_zoo_model_xyz", *DATA]) == 1
+    assert main(["profile", "--model", "no_such_zoo_model_xyz", *DATA]) == 2
     err = capsys.readouterr().err
     assert "a model is one of" in err and "saved model file" in err
 

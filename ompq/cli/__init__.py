@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the `ompq` command line; returns the exit status (0 success, 1 error, 2 usage)."""
+    """Run the `ompq` command line; returns the exit status (0 success, 2 bad input or usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"ompq {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
