@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -59,6 +60,7 @@ def sample_inputs(data: Any, num_samples: int, seed: int = 0) -> Tensor:
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
         data = data[0]
     if isinstance(data, Tensor):
+        _warn_short(data.size(0), num_samples)
         idx = torch.randperm(data.size(0), generator=g)[:num_samples]
         return data[idx]
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and \
@@ -66,6 +68,7 @@ def sample_inputs(data: Any, num_samples: int, seed: int = 0) -> Tensor:
         n = len(data)
         if n == 0:
             raise ValueError("calibration dataset is empty")
+        _warn_short(n, num_samples)
         idx = torch.randperm(n, generator=g)[:num_samples].tolist()
         items = [data[i] for i in idx]
         return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
@@ -78,7 +81,15 @@ def sample_inputs(data: Any, num_samples: int, seed: int = 0) -> Tensor:
             break
     if not out:
         raise ValueError("calibration data yielded no batches")
+    _warn_short(got, num_samples)
     return torch.cat(out)[:num_samples]
+
+
+def _warn_short(available: int, num_samples: int) -> None:
+    """Say so when the calibration data holds fewer samples than asked for (all are used)."""
+    if available < num_samples:
+        warnings.warn(f"calibration data holds {available} samples, fewer than num_samples = "
+                      f"{num_samples}; calibrating on all {available}", UserWarning, stacklevel=3)
 
 
 def _has_quant_layer(m: nn.Module) -> bool:

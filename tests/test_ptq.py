@@ -125,3 +125,10 @@ def test_ptq_deterministic_and_input_untouched():
         assert torch.equal(va, vb), k
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert isinstance(a.stem[0], QuantConv) and isinstance(a.stem[1], nn.Identity)
+
+
+def test_sample_inputs_warns_when_the_data_is_short():
+    from ompq.ptq import sample_inputs
+    with pytest.warns(UserWarning, match="fewer than num_samples = 20"):
+        x = sample_inputs(torch.randn(10, 3), 20)
+    assert x.shape == (10, 3)
