@@ -39,6 +39,15 @@ def has_op(name: str) -> bool:
         return False
 
 
+def _register(op: str, fake, backward, setup_context, backward_fake=None) -> None:
+    """Register the fake kernel and autograd formula of `ompq::<op>` (and the fake kernel of its
+    backward op `ompq::<op>_backward` when it has one)."""
+    torch.library.register_fake(f"ompq::{op}")(fake)
+    if backward_fake is not None:
+        torch.library.register_fake(f"ompq::{op}_backward")(backward_fake)
+    torch.library.register_autograd(f"ompq::{op}", backward, setup_context=setup_context)
+
+
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                axis: Optional[int] = None) -> Tensor:
     """Fake-quantize x (per-tensor when axis is None, else per-channel along axis); STE backward."""
@@ -135,15 +144,9 @@ def _lsq_backward(ctx, grad: Tensor):
 
 
 if _HAS_FAKE_QUANT:
-    torch.library.register_fake("ompq::fake_quant")(_fq_fake)
-    torch.library.register_fake("ompq::fake_quant_backward")(_fq_backward_fake)
-    torch.library.register_autograd("ompq::fake_quant", _fq_backward,
-                                    setup_context=_fq_setup_context)
+    _register("fake_quant", _fq_fake, _fq_backward, _fq_setup_context, _fq_backward_fake)
 if _HAS_LSQ:
-    torch.library.register_fake("ompq::lsq_fake_quant")(_lsq_fake)
-    torch.library.register_fake("ompq::lsq_fake_quant_backward")(_lsq_backward_fake)
-    torch.library.register_autograd("ompq::lsq_fake_quant", _lsq_backward,
-                                    setup_context=_lsq_setup_context)
+    _register("lsq_fake_quant", _lsq_fake, _lsq_backward, _lsq_setup_context, _lsq_backward_fake)
 
 
 def adaround_fake_quant(w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor, qmin: int,
@@ -267,16 +270,10 @@ def _gram_backward(ctx, grad: Tensor):
 
 
 if _HAS_ADAROUND:
-    torch.library.register_fake("ompq::adaround_fake_quant")(_adaround_fake)
-    torch.library.register_fake("ompq::adaround_fake_quant_backward")(_adaround_backward_fake)
-    torch.library.register_autograd("ompq::adaround_fake_quant", _adaround_backward,
-                                    setup_context=_adaround_setup_context)
+    _register("adaround_fake_quant", _adaround_fake, _adaround_backward, _adaround_setup_context,
+              _adaround_backward_fake)
 if _HAS_ADAROUND_REG:
-    torch.library.register_fake("ompq::adaround_reg")(_adaround_reg_fake)
-    torch.library.register_fake("ompq::adaround_reg_backward")(_adaround_reg_backward_fake)
-    torch.library.register_autograd("ompq::adaround_reg", _adaround_reg_backward,
-                                    setup_context=_adaround_reg_setup_context)
+    _register("adaround_reg", _adaround_reg_fake, _adaround_reg_backward,
+              _adaround_reg_setup_context, _adaround_reg_backward_fake)
 if _HAS_GRAM:
-    torch.library.register_fake("ompq::centered_gram")(_gram_fake)
-    torch.library.register_autograd("ompq::centered_gram", _gram_backward,
-                                    setup_context=_gram_setup_context)
+    _register("centered_gram", _gram_fake, _gram_backward, _gram_setup_context)
