@@ -217,16 +217,113 @@ Params read_params(const char* op, const Tensor& scale, const Tensor& zero_point
   return p;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Element kernels on contiguous segments that share one channel. T is float or double.
-// The scalar tails repeat the vector arithmetic operation by operation (no FMA contraction:
-// the extension is built with -ffp-contract=off), so results do not depend on alignment.
-// ---------------------------------------------------------------------------------------------
-
+// Per-channel coefficients of the element kernels.
 template <typename T>
 struct Coef {
   T s, inv, z, qmin, qmax, gf;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Cheap compares and selects. at::vec's comparison operators return all-ones/all-zeros vectors
+// and its blendv turns them back into a mask; on AVX-512 that is two extra instructions per
+// compare and per blend, enough to make these kernels compute-bound on cache-resident tensors.
+// Where at::vec maps to AVX-512 these helpers use the mask registers directly; elsewhere they
+// are at::vec's own operators (AVX2's compare and blend are single instructions already).
+// ---------------------------------------------------------------------------------------------
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask16 vge(const Vectorized<float>& a, const Vectorized<float>& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ);
+}
+inline __mmask16 vle(const Vectorized<float>& a, const Vectorized<float>& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ);
+}
+inline __mmask16 vgt(const Vectorized<float>& a, const Vectorized<float>& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ);
+}
+inline __mmask8 vge(const Vectorized<double>& a, const Vectorized<double>& b) {
+  return _mm512_cmp_pd_mask(a, b, _CMP_GE_OQ);
+}
+inline __mmask8 vle(const Vectorized<double>& a, const Vectorized<double>& b) {
+  return _mm512_cmp_pd_mask(a, b, _CMP_LE_OQ);
+}
+inline __mmask8 vgt(const Vectorized<double>& a, const Vectorized<double>& b) {
+  return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ);
+}
+// m ? t : f, lane by lane.
+inline Vectorized<float> vselect(__mmask16 m, const Vectorized<float>& t,
+                                 const Vectorized<float>& f) {
+  return _mm512_mask_blend_ps(m, f, t);
+}
+inline Vectorized<double> vselect(__mmask8 m, const Vectorized<double>& t,
+                                  const Vectorized<double>& f) {
+  return _mm512_mask_blend_pd(m, f, t);
+}
+#else
+template <typename T>
+inline Vectorized<T> vge(const Vectorized<T>& a, const Vectorized<T>& b) { return a >= b; }
+template <typename T>
+inline Vectorized<T> vle(const Vectorized<T>& a, const Vectorized<T>& b) { return a <= b; }
+template <typename T>
+inline Vectorized<T> vgt(const Vectorized<T>& a, const Vectorized<T>& b) { return a > b; }
+template <typename T>
+inline Vectorized<T> vselect(const Vectorized<T>& m, const Vectorized<T>& t,
+                             const Vectorized<T>& f) {
+  return Vectorized<T>::blendv(f, t, m);
+}
+#endif
+
+// max(a, lo), with NaN lanes of a mapped to lo (x86 MAXPS/MAXPD return the second operand
+// when either is NaN; at::vec::maximum would propagate the NaN).
+template <typename T>
+inline Vectorized<T> vmax_or_lo(const Vectorized<T>& a, const Vectorized<T>& lo) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same<T, float>::value) {
+    return _mm512_max_ps(a, lo);
+  } else {
+    return _mm512_max_pd(a, lo);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    return _mm256_max_ps(a, lo);
+  } else {
+    return _mm256_max_pd(a, lo);
+  }
+#else
+  return vselect(vge(a, lo), a, lo);
+#endif
+}
+
+// min(a, hi) for a without NaN lanes.
+template <typename T>
+inline Vectorized<T> vmin(const Vectorized<T>& a, const Vectorized<T>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same<T, float>::value) {
+    return _mm512_min_ps(a, hi);
+  } else {
+    return _mm512_min_pd(a, hi);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    return _mm256_min_ps(a, hi);
+  } else {
+    return _mm256_min_pd(a, hi);
+  }
+#else
+  return vselect(vle(a, hi), a, hi);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element kernels on contiguous segments that share one channel. T is float or double.
+//
+// The vector code clamps t = nearbyint(x * inv) to [qmin - zp, qmax - zp] and multiplies by the
+// scale, which equals (clamp(t + zp, qmin, qmax) - zp) * scale bit for bit: t, zp, qmin and qmax
+// are integers and every sum and difference below 2**24 is exact, and a |t| too large for that
+// is clamped to the same bound either way. Adding +0 turns t = -0 into +0, as t + zp - zp does.
+// The scalar heads and tails evaluate the textbook formula (no FMA contraction: the extension
+// is built with -ffp-contract=off), so results do not depend on alignment.
+// ---------------------------------------------------------------------------------------------
 
 template <typename T>
 inline T fq_scalar(T x, const Coef<T>& k) {
@@ -239,16 +336,16 @@ inline T fq_scalar(T x, const Coef<T>& k) {
 template <typename T, bool kStream>
 void fq_forward_seg_impl(const T* x, T* y, int64_t n, const Coef<T>& k) {
   using V = Vectorized<T>;
-  const V vinv(k.inv), vs(k.s), vz(k.z), vqmin(k.qmin), vqmax(k.qmax);
+  const V vinv(k.inv), vs(k.s), vlo(k.qmin - k.z), vhi(k.qmax - k.z), pzero(T(0));
+  auto quant = [&](const V& xv) {
+    return vmin(vmax_or_lo((xv * vinv).round() + pzero, vlo), vhi) * vs;
+  };
   int64_t i = 0;
   if (kStream) {
     for (const int64_t h = head_to_align(y, n); i < h; ++i) y[i] = fq_scalar(x[i], k);
   }
   for (; i + V::size() <= n; i += V::size()) {
-    V q = (V::loadu(x + i) * vinv).round() + vz;
-    q = V::blendv(vqmin, q, q >= vqmin);  // below or NaN -> qmin
-    q = V::blendv(q, vqmax, q > vqmax);
-    const V out = (q - vz) * vs;
+    const V out = quant(V::loadu(x + i));
     if (kStream) {
       stream_store(out, y + i);
     } else {
@@ -257,10 +354,7 @@ void fq_forward_seg_impl(const T* x, T* y, int64_t n, const Coef<T>& k) {
   }
   if (i < n) {  // partial vector (masked load/store on AVX-512): same arithmetic as above
     const int64_t m = n - i;
-    V q = (V::loadu(x + i, m) * vinv).round() + vz;
-    q = V::blendv(vqmin, q, q >= vqmin);
-    q = V::blendv(q, vqmax, q > vqmax);
-    ((q - vz) * vs).store(y + i, m);
+    quant(V::loadu(x + i, m)).store(y + i, m);
   }
 }
 
@@ -276,19 +370,22 @@ void fq_forward_seg(const T* x, T* y, int64_t n, const Coef<T>& k, bool stream =
 template <typename T, bool kStream>
 void fq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k) {
   using V = Vectorized<T>;
-  const V vinv(k.inv), vz(k.z), vqmin(k.qmin), vqmax(k.qmax), one(T(1));
+  const V vinv(k.inv), vlo(k.qmin - k.z), vhi(k.qmax - k.z), one(T(1)), zero(T(0));
   auto scalar = [&](int64_t j) {
     const T q = std::nearbyint(x[j] * k.inv) + k.z;
     gx[j] = g[j] * static_cast<T>(q >= k.qmin && q <= k.qmax);
+  };
+  // grad * (1 inside, 0 outside or NaN): a multiply, like torch, so Inf * 0 = NaN.
+  auto ste = [&](const V& gv, const V& xv) {
+    const V t = (xv * vinv).round();
+    return gv * vselect(vge(t, vlo) & vle(t, vhi), one, zero);
   };
   int64_t i = 0;
   if (kStream) {
     for (const int64_t h = head_to_align(gx, n); i < h; ++i) scalar(i);
   }
   for (; i + V::size() <= n; i += V::size()) {
-    const V q = (V::loadu(x + i) * vinv).round() + vz;
-    const V inside = (q >= vqmin) & (q <= vqmax) & one;  // 1 or 0 (NaN -> 0)
-    const V out = V::loadu(g + i) * inside;              // multiply, like torch: Inf*0 = NaN
+    const V out = ste(V::loadu(g + i), V::loadu(x + i));
     if (kStream) {
       stream_store(out, gx + i);
     } else {
@@ -297,8 +394,7 @@ void fq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T
   }
   if (i < n) {  // partial vector
     const int64_t m = n - i;
-    const V q = (V::loadu(x + i, m) * vinv).round() + vz;
-    (V::loadu(g + i, m) * ((q >= vqmin) & (q <= vqmax) & one)).store(gx + i, m);
+    ste(V::loadu(g + i, m), V::loadu(x + i, m)).store(gx + i, m);
   }
 }
 
@@ -312,8 +408,18 @@ void fq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,
   }
 }
 
+// Per-channel constants of the LSQ backward: the out-of-range terms of grad_scale,
+// (qmin - zp) * gf and (qmax - zp) * gf, and of grad_zero_point, -scale * gf.
 template <typename T>
-inline void lsq_scalar(T g, T x, T* gx, double& ds, double& dz, const Coef<T>& k) {
+struct LsqConst {
+  T low_gf, high_gf, neg_s_gf;
+  explicit LsqConst(const Coef<T>& k)
+      : low_gf((k.qmin - k.z) * k.gf), high_gf((k.qmax - k.z) * k.gf), neg_s_gf(-k.s * k.gf) {}
+};
+
+template <typename T>
+inline void lsq_scalar(T g, T x, T* gx, double& ds, double& dz, const Coef<T>& k,
+                       const LsqConst<T>& c) {
   const T xq = std::nearbyint(k.z + x * k.inv);
   const bool inside = xq >= k.qmin && xq <= k.qmax;
   *gx = g * static_cast<T>(inside);
@@ -321,9 +427,8 @@ inline void lsq_scalar(T g, T x, T* gx, double& ds, double& dz, const Coef<T>& k
     const T xfq = (xq - k.z) * k.s;
     ds += static_cast<double>(((g * (xfq - x)) * k.inv) * k.gf);
   } else {
-    const T bound = (xq > k.qmax) ? (k.qmax - k.z) : (k.qmin - k.z);  // NaN counts as below
-    ds += static_cast<double>((g * bound) * k.gf);
-    dz += static_cast<double>(((g * T(-1)) * k.s) * k.gf);
+    ds += static_cast<double>(g * ((xq > k.qmax) ? c.high_gf : c.low_gf));  // NaN: below
+    dz += static_cast<double>(g * c.neg_s_gf);
   }
 }
 
@@ -340,12 +445,15 @@ template <typename T, bool kStream>
 void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,
                            double& ds, double& dz) {
   using V = Vectorized<T>;
+  const LsqConst<T> c(k);
   const V vinv(k.inv), vs(k.s), vz(k.z), vqmin(k.qmin), vqmax(k.qmax), vgf(k.gf), one(T(1));
-  const V vlow(k.qmin - k.z), vhigh(k.qmax - k.z), vneg_s(T(-1)), zero(T(0));
+  const V vlow(c.low_gf), vhigh(c.high_gf), vneg_s(c.neg_s_gf), zero(T(0));
   constexpr int64_t kFlush = 512;  // vectors accumulated in T before flushing into double
   int64_t i = 0;
   if (kStream) {
-    for (const int64_t h = head_to_align(gx, n); i < h; ++i) lsq_scalar(g[i], x[i], gx + i, ds, dz, k);
+    for (const int64_t h = head_to_align(gx, n); i < h; ++i) {
+      lsq_scalar(g[i], x[i], gx + i, ds, dz, k, c);
+    }
   }
   V acc_s(T(0)), acc_z(T(0));
   // One vector of elements [i, i + m); lanes past m are loaded as g = 0, x = 0 and contribute
@@ -355,9 +463,8 @@ void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<
     const V gv = full ? V::loadu(g + i) : V::loadu(g + i, m);
     const V xv = full ? V::loadu(x + i) : V::loadu(x + i, m);
     const V xq = (vz + xv * vinv).round();
-    const V in_mask = (xq >= vqmin) & (xq <= vqmax);
-    const V hi_mask = xq > vqmax;
-    const V out = gv * (in_mask & one);
+    const auto inside = vge(xq, vqmin) & vle(xq, vqmax);  // NaN: outside, below
+    const V out = gv * vselect(inside, one, zero);
     if (!full) {
       out.store(gx + i, m);
     } else if (kStream) {
@@ -365,11 +472,12 @@ void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<
     } else {
       out.store(gx + i);
     }
-    const V xc = V::blendv(V::blendv(vqmin, xq, xq >= vqmin), vqmax, hi_mask);
-    const V ds_in = ((gv * ((xc - vz) * vs - xv)) * vinv) * vgf;
-    const V ds_out = (gv * V::blendv(vlow, vhigh, hi_mask)) * vgf;
-    acc_s = acc_s + V::blendv(ds_out, ds_in, in_mask);
-    acc_z = acc_z + V::blendv(((gv * vneg_s) * vs) * vgf, zero, in_mask);
+    // Inside, xq is already in [qmin, qmax]: the clamp of the scalar formula is a no-op there,
+    // and the inside term is discarded (possibly NaN for infinite x) everywhere else.
+    const V ds_in = ((gv * ((xq - vz) * vs - xv)) * vinv) * vgf;
+    const V ds_out = gv * vselect(vgt(xq, vqmax), vhigh, vlow);
+    acc_s = acc_s + vselect(inside, ds_in, ds_out);
+    acc_z = acc_z + vselect(inside, zero, gv * vneg_s);
   };
   int64_t since_flush = 0;
   for (; i + V::size() <= n; i += V::size()) {
