@@ -221,6 +221,32 @@ def test_empty_and_scalar_tensors():
     assert gx.shape == (0,) and gs.item() == 0.0 and gz.item() == 0.0
 
 
+# Tensors large enough to be cut into many parallel chunks (16 384 elements each, at most 64),
+# in the layouts that store partial sums differently: a chunk spanning fewer rows than there are
+# channels (axis 0 of a weight), more rows than channels (a middle axis with outer > 1, few
+# channels), rows of one element (last axis) and per-tensor.
+@pytest.mark.parametrize("shape,axis", [((96, 40, 3, 3), 0), ((16, 3, 40, 40), 1),
+                                        ((700, 300), -1), ((300, 700), 0), ((50, 40, 40), None)])
+def test_lsq_many_chunks_match_reference_and_are_deterministic(shape, axis, gen):
+    x = torch.randn(shape, generator=gen) * 2
+    c = 1 if axis is None else shape[axis]
+    s = torch.rand(c, generator=gen) * 0.3 + 0.05
+    z = torch.randint(0, 16, (c,), generator=gen).float()
+    g = torch.randn(shape, generator=gen)
+    ours = _run(lambda a, b, d: ops.lsq_fake_quant(a, b, d, 0, 15, axis, 0.7), x, s, z, g)
+    ref = _run(lambda a, b, d: reference.lsq_fake_quant(a, b, d, 0, 15, axis, 0.7), x, s, z, g)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    _sum_close(ours[2], ref[2], g, 16)
+    _sum_close(ours[3], ref[3], g, float(s.max()))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.lsq_fake_quant_backward(g, x, s, z, 0, 15, axis, 0.7)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, (ours[1], ours[2], ours[3])))
+
+
 # ------------------------------------------------------------------------------------------
 # Backward as a full Jacobian (float64) against the reference's formulas
 # ------------------------------------------------------------------------------------------

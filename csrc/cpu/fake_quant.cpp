@@ -542,6 +542,36 @@ void for_each_run(const Layout& l, F&& f) {
   });
 }
 
+// Where for_each_run's chunks keep their per-channel partial sums. A chunk spanning R rows of
+// `inner` elements touches min(R, C) channels: with R <= C the rows are distinct channels and
+// slot j holds row first_row + j; with R > C slot j holds channel j. The buffer thus holds about
+// numel / inner + chunks entries (a dense chunks x C array would hold up to 1M).
+struct ChunkSlots {
+  int64_t chunks = 0, channels = 1, total = 0;
+  std::vector<int64_t> first_row, rows, offset;
+
+  explicit ChunkSlots(const Layout& l) : channels(l.channels) {
+    chunks = l.numel > 0 ? num_chunks(l) : 0;
+    first_row.resize(chunks);
+    rows.resize(chunks);
+    offset.resize(chunks);
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t b = l.numel * k / chunks, e = l.numel * (k + 1) / chunks;
+      first_row[k] = b / l.inner;
+      rows[k] = e > b ? (e - 1) / l.inner - first_row[k] + 1 : 0;
+      offset[k] = total;
+      total += size(k);
+    }
+  }
+  int64_t size(int64_t k) const { return std::min(rows[k], channels); }
+  int64_t index(int64_t k, int64_t row) const {
+    return offset[k] + (rows[k] <= channels ? row - first_row[k] : row % channels);
+  }
+  int64_t channel(int64_t k, int64_t j) const {
+    return rows[k] <= channels ? (first_row[k] + j) % channels : j;
+  }
+};
+
 template <typename T>
 Coef<T> coef(const Params& p, int64_t c, int64_t qmin, int64_t qmax, double gf) {
   return Coef<T>{static_cast<T>(p.scale[c]), static_cast<T>(p.inv[c]), static_cast<T>(p.zp[c]),
@@ -698,9 +728,10 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cpu(
   const Tensor x = x_.contiguous();
   const Tensor grad = grad_.contiguous();
   Tensor gx = at::empty_like(x);
-  const int64_t chunks = l.numel > 0 ? num_chunks(l) : 1;
-  // Per-chunk, per-channel partial sums (double), reduced in chunk order: deterministic.
-  std::vector<double> part_s(chunks * l.channels, 0.0), part_z(chunks * l.channels, 0.0);
+  const ChunkSlots slots(l);
+  // Per-chunk partial sums (double), one slot per channel that the chunk touches, reduced in
+  // chunk order below: deterministic for any thread count.
+  std::vector<double> part_s(slots.total, 0.0), part_z(slots.total, 0.0);
   OMPQ_DISPATCH(x.scalar_type(), "ompq_lsq_fake_quant_backward", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -711,15 +742,17 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cpu(
       double ds = 0.0, dz = 0.0;
       lsq_run(gp + b, xp + b, op_ + b, len, coef<T>(p, c, qmin, qmax, grad_factor), ds, dz,
               stream);
-      part_s[k * l.channels + c] += ds;
-      part_z[k * l.channels + c] += dz;
+      const int64_t i = slots.index(k, b / l.inner);
+      part_s[i] += ds;
+      part_z[i] += dz;
     });
   });
   std::vector<double> sum_s(l.channels, 0.0), sum_z(l.channels, 0.0);
-  for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t c = 0; c < l.channels; ++c) {
-      sum_s[c] += part_s[k * l.channels + c];
-      sum_z[c] += part_z[k * l.channels + c];
+  for (int64_t k = 0; k < slots.chunks; ++k) {
+    for (int64_t j = 0; j < slots.size(k); ++j) {
+      const int64_t c = slots.channel(k, j);
+      sum_s[c] += part_s[slots.offset[k] + j];
+      sum_z[c] += part_z[slots.offset[k] + j];
     }
   }
   auto opts = at::TensorOptions().dtype(at::kDouble);
