@@ -6,7 +6,7 @@ cases (A B C … A B C …), and the table quotes the median time of each case i
 ratio to `x.clone()` (the memory-bandwidth yardstick: allocating and writing the output dominates)
 and the speed-up of the ompq op over the matching torch op.
 
-Run:  python benchmarks/bench_fake_quant.py [--rounds 9] [--json benchmarks/results/fake_quant.json]
+Run:  python benchmarks/bench_fake_quant.py [--rounds 21] [--json benchmarks/results/fake_quant.json]
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from typing import Callable
@@ -103,26 +104,38 @@ def activation_cases(gen: torch.Generator) -> tuple[dict[str, Case], dict[str, s
     return cases, pairs
 
 
-def interleaved(cases: dict[str, Case], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run every case once per round, in order, `rounds` times; return seconds per case."""
+def interleaved(cases: dict[str, Case], rounds: int, warmup: int = 1
+                ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Run every case once per round, in order, `rounds` times.
+
+    Returns the seconds of every timed call per case and the mean number of minor page faults
+    per call (the kernel zero-filling freshly mapped output pages; glibc maps large outputs
+    anew on most calls, so this cost lands on whichever case allocates at the wrong moment).
+    """
     times: dict[str, list[float]] = {k: [] for k in cases}
+    faults: dict[str, int] = {k: 0 for k in cases}
     for r in range(warmup + rounds):
         for name, fn in cases.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
-    return times
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return times, {k: v / rounds for k, v in faults.items()}
 
 
-def summarise(times: dict[str, list[float]], pairs: dict[str, str]) -> list[dict]:
-    """Median milliseconds, ratio to clone, and speed-up over the paired torch op."""
+def summarise(times: dict[str, list[float]], pairs: dict[str, str],
+              faults: dict[str, float]) -> list[dict]:
+    """Median milliseconds, ratio to clone, page faults per call, and speed-up over the paired
+    torch op."""
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     for name, t in med.items():
         row = {"case": name, "median_ms": t * 1e3, "x_clone": t / med["clone"],
-               "min_ms": min(times[name]) * 1e3, "max_ms": max(times[name]) * 1e3}
+               "min_ms": min(times[name]) * 1e3, "max_ms": max(times[name]) * 1e3,
+               "page_faults_per_call": faults[name]}
         if name in pairs:
             row["speedup_vs"] = pairs[name]
             row["speedup"] = med[pairs[name]] / t
@@ -132,10 +145,12 @@ def summarise(times: dict[str, list[float]], pairs: dict[str, str]) -> list[dict
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'case':40s} {'median ms':>10s} {'x clone':>8s} {'speed-up vs torch':>18s}")
+    print(f"{'case':40s} {'median ms':>10s} {'x clone':>8s} {'speed-up vs torch':>18s} "
+          f"{'faults/call':>12s}")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        print(f"{r['case']:40s} {r['median_ms']:10.2f} {r['x_clone']:8.2f} {sp:>18s}")
+        print(f"{r['case']:40s} {r['median_ms']:10.2f} {r['x_clone']:8.2f} {sp:>18s} "
+              f"{r['page_faults_per_call']:12.0f}")
 
 
 def targets(rows: list[dict], per_channel: bool) -> dict[str, bool]:
@@ -154,7 +169,7 @@ def targets(rows: list[dict], per_channel: bool) -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (>= 7)")
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved rounds (>= 7)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "fake_quant.json"))
@@ -170,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         ("activations 64x64x56x56, per-tensor, 8 bits", activation_cases, False),
     ]:
         cases, pairs = build(gen)
-        rows = summarise(interleaved(cases, args.rounds), pairs)
+        times, faults = interleaved(cases, args.rounds)
+        rows = summarise(times, pairs, faults)
         print_table(title, rows)
         tg = targets(rows, pc)
         for k, v in tg.items():
