@@ -1,0 +1,232 @@
+"""GPU benchmark of ompq's kernels: achieved memory bandwidth of fake quantization and the speed of
+`centered_gram`, against torch's built-ins, on one CUDA device.
+
+Fake quantization streams memory, so the table gives each op's effective bandwidth (bytes it must
+read and write ÷ time) as a share of the card's nominal bandwidth (2 × memory clock × bus width,
+from the device properties) and of a device-to-device `x.clone()` in the same run. Issue 3's
+target: fake quant at ≥ 70 % of the card's memory bandwidth. The tensors are the CPU benchmark's
+weights (512×512×3×3, per channel, 4 bits; 9.4 MB, cache-resident on large GPUs) and
+activations (64×64×56×56, per tensor, 8 bits; 51 MB), plus 256×64×56×56 activations (205 MB,
+well past any L2) per tensor and per channel (axis 1), where the bandwidth figure is meaningful.
+
+Each case runs `--reps` times between two CUDA events; cases interleave (A B C … A B C …) for
+`--rounds` rounds and the table quotes medians. `--device cpu` runs the same code with wall-clock
+timing (a dry run of the script; the bandwidth columns then mean little).
+
+Run:  python benchmarks/bench_cuda.py [--rounds 11] [--reps 20] [--json benchmarks/results/cuda.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from ompq import ops
+
+Case = Callable[[], object]
+
+
+def nominal_bandwidth_gbs(device: torch.device) -> float | None:
+    """The card's nominal memory bandwidth in GB/s (None on CPU or when torch does not say)."""
+    if device.type != "cuda":
+        return None
+    p = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(p, "memory_clock_rate", 0)
+    bus_bits = getattr(p, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2.0 * clock_khz * 1e3 * (bus_bits / 8) / 1e9
+
+
+def time_case(fn: Case, reps: int, device: torch.device) -> float:
+    """Seconds per call of fn, averaged over `reps` back-to-back calls."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def interleaved(cases: dict[str, Case], rounds: int, reps: int,
+                device: torch.device) -> dict[str, float]:
+    """Median seconds per call of every case over `rounds` interleaved rounds (one warm-up)."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(rounds + 1):
+        for name, fn in cases.items():
+            t = time_case(fn, reps, device)
+            if r > 0:
+                times[name].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _fwd_bwd(fn: Callable[..., torch.Tensor], x: torch.Tensor, g: torch.Tensor,
+             *params: torch.Tensor) -> Case:
+    def run() -> None:
+        xr = x.detach().requires_grad_()
+        ps = [p.detach().requires_grad_() for p in params]
+        fn(xr, *ps).backward(g)
+    return run
+
+
+def fake_quant_cases(x: torch.Tensor, axis: int | None, qmin: int, qmax: int
+                     ) -> tuple[dict[str, Case], dict[str, int]]:
+    """Cases on tensor x and the bytes each must move (reads + writes of full tensors)."""
+    gen = torch.Generator(device=x.device).manual_seed(1)
+    g = torch.randn(x.shape, generator=gen, device=x.device)
+    if axis is None:
+        s = (x.abs().amax() / qmax).reshape(1)
+        z = torch.zeros(1, device=x.device)
+    else:
+        dims = [d for d in range(x.dim()) if d != axis]
+        s = (x.abs().amax(dim=dims) / qmax).contiguous()
+        z = torch.zeros_like(s)
+    zi = z.to(torch.int32)
+    nb = x.numel() * x.element_size()
+    if axis is None:
+        t_fwd = lambda a: torch.fake_quantize_per_tensor_affine(a, float(s), 0, qmin, qmax)  # noqa: E731
+        t_lsq = lambda a, b, c: torch._fake_quantize_learnable_per_tensor_affine(  # noqa: E731
+            a, b, c, qmin, qmax, 1.0)
+    else:
+        t_fwd = lambda a: torch.fake_quantize_per_channel_affine(a, s, zi, axis, qmin, qmax)  # noqa: E731
+        t_lsq = lambda a, b, c: torch._fake_quantize_learnable_per_channel_affine(  # noqa: E731
+            a, b, c, axis, qmin, qmax, 1.0)
+    cases: dict[str, Case] = {
+        "clone": lambda: x.clone(),
+        "ompq fake_quant fwd": lambda: ops.fake_quant(x, s, z, qmin, qmax, axis),
+        "torch fwd": lambda: t_fwd(x),
+        "ompq fake_quant_backward op": lambda: torch.ops.ompq.fake_quant_backward(
+            g, x, s, z, qmin, qmax, axis),
+        "ompq lsq_fake_quant_backward op": lambda: torch.ops.ompq.lsq_fake_quant_backward(
+            g, x, s, z, qmin, qmax, axis, 1.0),
+        "ompq fake_quant fwd+bwd": _fwd_bwd(lambda a: ops.fake_quant(a, s, z, qmin, qmax, axis),
+                                            x, g),
+        "torch fwd+bwd": _fwd_bwd(t_fwd, x, g),
+        "ompq lsq fwd+bwd": _fwd_bwd(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis),
+                                     x, g, s, z),
+        "torch learnable fwd+bwd": _fwd_bwd(t_lsq, x, g, s, z),
+    }
+    moved = {"clone": 2 * nb, "ompq fake_quant fwd": 2 * nb, "torch fwd": 2 * nb,
+             "ompq fake_quant_backward op": 3 * nb, "ompq lsq_fake_quant_backward op": 3 * nb,
+             "ompq fake_quant fwd+bwd": 5 * nb, "torch fwd+bwd": 5 * nb,
+             "ompq lsq fwd+bwd": 5 * nb, "torch learnable fwd+bwd": 5 * nb}
+    return cases, moved
+
+
+def fake_quant_table(title: str, x: torch.Tensor, axis: int | None, qmin: int, qmax: int,
+                     args: argparse.Namespace, peak: float | None) -> dict:
+    cases, moved = fake_quant_cases(x, axis, qmin, qmax)
+    med = interleaved(cases, args.rounds, args.reps, x.device)
+    clone_bw = moved["clone"] / med["clone"] / 1e9
+    rows = []
+    print(f"\n{title}")
+    print(f"{'case':34s} {'median us':>10s} {'GB/s':>8s} {'% nominal':>10s} {'% clone':>8s}")
+    for name, t in med.items():
+        bw = moved[name] / t / 1e9
+        row = {"case": name, "median_us": t * 1e6, "gb_per_s": bw,
+               "pct_of_clone": 100 * bw / clone_bw,
+               "pct_of_nominal": None if peak is None else 100 * bw / peak}
+        rows.append(row)
+        nom = "" if peak is None else f"{row['pct_of_nominal']:.1f}"
+        print(f"{name:34s} {t * 1e6:10.1f} {bw:8.1f} {nom:>10s} {row['pct_of_clone']:8.1f}")
+    by = {r["case"]: r for r in rows}
+    for ours, theirs in [("ompq fake_quant fwd", "torch fwd"),
+                         ("ompq fake_quant fwd+bwd", "torch fwd+bwd"),
+                         ("ompq lsq fwd+bwd", "torch learnable fwd+bwd")]:
+        by[ours]["speedup_vs_torch"] = by[theirs]["median_us"] / by[ours]["median_us"]
+        print(f"  {ours} vs {theirs}: {by[ours]['speedup_vs_torch']:.2f}x")
+    return {"rows": rows}
+
+
+def gram_table(n: int, d: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """centered_gram vs `xc @ xc.T` (fp32), with errors against an fp64 Gram."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    base = (torch.randn(n, d, generator=gen, device=device) + 3.0).relu()
+    rows = []
+    print(f"\ncentered_gram, N = {n}, D = {d}")
+    print(f"{'dtype':6s} {'ompq us':>10s} {'torch us':>10s} {'speed-up':>9s} {'ompq err':>9s} "
+          f"{'torch err':>9s}")
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        x = base.to(dt)
+        xd = x.double()
+        xc64 = xd - xd.mean(0)
+        ref = xc64 @ xc64.T
+        scale = float(ref.abs().max())
+
+        def torch_gram() -> torch.Tensor:
+            xf = x.float()
+            xc = xf - xf.mean(0)
+            return xc @ xc.T
+        med = interleaved({"ompq": lambda: ops.centered_gram(x), "torch": torch_gram},
+                          args.rounds, args.reps, device)
+        err_o = float((ops.centered_gram(x).double() - ref).abs().max()) / scale
+        err_t = float((torch_gram().double() - ref).abs().max()) / scale
+        row = {"dtype": str(dt).replace("torch.", ""), "ompq_us": med["ompq"] * 1e6,
+               "torch_us": med["torch"] * 1e6, "speedup": med["torch"] / med["ompq"],
+               "ompq_rel_err": err_o, "torch_rel_err": err_t}
+        rows.append(row)
+        print(f"{row['dtype']:6s} {row['ompq_us']:10.1f} {row['torch_us']:10.1f} "
+              f"{row['speedup']:8.2f}x {err_o:9.1e} {err_t:9.1e}")
+    return {"n": n, "d": d, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
+    ap.add_argument("--rounds", type=int, default=11, help="interleaved rounds")
+    ap.add_argument("--reps", type=int, default=20, help="calls timed between two events")
+    ap.add_argument("--big", type=int, default=256,
+                    help="batch of the large activation tensor (N×64×56×56)")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
+                                                   "cuda.json"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_cuda: no CUDA device (torch.cuda.is_available() is False); "
+              "use --device cpu for a dry run", file=sys.stderr)
+        return 2
+    if not ops.has_op("fake_quant"):
+        print("bench_cuda: the compiled extension is missing: "
+              "pip install --no-build-isolation -e .", file=sys.stderr)
+        return 2
+    peak = nominal_bandwidth_gbs(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; nominal memory bandwidth: "
+          f"{'n/a' if peak is None else f'{peak:.0f} GB/s'}; torch {torch.__version__}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    result: dict = {"format": "ompq.Benchmark", "version": 1, "benchmark": "cuda",
+                    "device": name, "torch": torch.__version__, "nominal_gb_per_s": peak,
+                    "rounds": args.rounds, "reps": args.reps, "fake_quant": {}}
+    w = torch.randn(512, 512, 3, 3, generator=gen, device=device)
+    a = torch.randn(64, 64, 56, 56, generator=gen, device=device).relu_()
+    big = torch.randn(args.big, 64, 56, 56, generator=gen, device=device).relu_()
+    for title, x, axis, qmin, qmax in [
+        ("weights 512x512x3x3, per-channel axis 0, 4 bits", w, 0, -8, 7),
+        ("activations 64x64x56x56, per-tensor, 8 bits", a, None, 0, 255),
+        (f"activations {args.big}x64x56x56, per-tensor, 8 bits", big, None, 0, 255),
+        (f"activations {args.big}x64x56x56, per-channel axis 1, 8 bits", big, 1, 0, 255),
+    ]:
+        result["fake_quant"][title] = fake_quant_table(title, x, axis, qmin, qmax, args, peak)
+    del big
+    result["gram"] = gram_table(64, 200_000, args, device)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
