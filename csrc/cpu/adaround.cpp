@@ -40,6 +40,8 @@ AdaLayout adaround_check_args(const char* op, const at::Tensor& w, const at::Ten
   TORCH_CHECK_VALUE(qmin < qmax, op, ": qmin (", qmin, ") must be smaller than qmax (", qmax, ")");
   TORCH_CHECK_VALUE(scale.device() == w.device() && zero_point.device() == w.device(), op,
               ": scale and zero_point must be on the device of w (", w.device(), ")");
+  TORCH_CHECK_VALUE(v.device() == w.device(), op, ": v is on ", v.device(), " but w is on ",
+              w.device());
   AdaLayout lay;
   if (axis.has_value()) {
     const int64_t dim = w.dim();
@@ -59,10 +61,18 @@ AdaLayout adaround_check_args(const char* op, const at::Tensor& w, const at::Ten
               " elements; expected ", lay.channels, " (", what, ")");
   TORCH_CHECK_TYPE(scale.is_floating_point() && zero_point.is_floating_point(), op,
               ": scale and zero_point must be floating-point tensors (zero_point holds integers)");
-  TORCH_CHECK_VALUE(at::isfinite(scale).all().item<bool>() && (scale > 0).all().item<bool>(), op,
+  // One fused reduction, one device-to-host sync (min/max only on the error path).
+  TORCH_CHECK_VALUE((at::isfinite(scale) & (scale > 0)).all().item<bool>(), op,
               ": scale must be positive and finite, got min ", scale.min().item<double>(),
               " and max ", scale.max().item<double>());
   return lay;
+}
+
+void adaround_check_grad(const char* op, const at::Tensor& grad, const at::Tensor& w) {
+  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), op, ": grad has shape ", grad.sizes(),
+              ", expected the shape of w ", w.sizes());
+  TORCH_CHECK_VALUE(grad.device() == w.device(), op, ": grad is on ", grad.device(),
+              " but w is on ", w.device());
 }
 
 void adaround_check_reg_args(const char* op, const at::Tensor& v, double beta) {
@@ -213,8 +223,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_fake_quant_backward_cpu(
     std::optional<int64_t> axis, bool soft) {
   const AdaLayout lay = adaround_check_args("adaround_fake_quant_backward", w, scale, zero_point, v,
                                       qmin, qmax, axis);
-  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "adaround_fake_quant_backward: grad has shape ",
-              grad.sizes(), ", expected the shape of w ", w.sizes());
+  adaround_check_grad("adaround_fake_quant_backward", grad, w);
   const at::Tensor gc = grad.to(w.scalar_type()).contiguous();
   const at::Tensor wc = w.contiguous(), vc = v.contiguous();
   const at::Tensor s = scale.to(w.scalar_type()).contiguous();

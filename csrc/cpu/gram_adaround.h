@@ -22,6 +22,8 @@ struct AdaLayout {
 AdaLayout adaround_check_args(const char* op, const at::Tensor& w, const at::Tensor& scale,
                               const at::Tensor& zero_point, const at::Tensor& v, int64_t qmin,
                               int64_t qmax, std::optional<int64_t>& axis);
+// grad of adaround_fake_quant_backward: the shape and device of w (its dtype is converted).
+void adaround_check_grad(const char* op, const at::Tensor& grad, const at::Tensor& w);
 void adaround_check_reg_args(const char* op, const at::Tensor& v, double beta);
 
 }  // namespace ompq

@@ -1,41 +1,23 @@
 // AdaRound ops on CUDA: fused element-wise forward/backward and a deterministic regulariser sum.
+// Per-element math: kernel_math.h (no FMA contraction, same operation order as the CPU; expf and
+// powf differ from the CPU's vectorised exp/pow in the last bits). Work partition: the row
+// traversal of kernel_plan.h (no per-element integer division, 64-bit indices).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "adaround.h"
+#include "row_traverse.cuh"
 
 namespace ompq {
 namespace cuda {
 namespace {
 
-constexpr double kZeta = 1.1;
-constexpr double kGamma = -0.1;
+using rows::Pack;
+
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 4096;
 constexpr int kRegBlocks = 1024;
-
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float exp_(float a) { return expf(a); }
-__device__ __forceinline__ double exp_(double a) { return exp(a); }
-__device__ __forceinline__ float pow_(float a, float b) { return powf(a, b); }
-__device__ __forceinline__ double pow_(double a, double b) { return pow(a, b); }
-
-// Rectified sigmoid h(v); *dh = h'(v) (zero where the clamp is active).
-template <typename T>
-__device__ __forceinline__ T soft_h(T v, T* dh) {
-  const T sig = T(1) / (T(1) + exp_(-v));
-  const T raw = sig * static_cast<T>(kZeta - kGamma) + static_cast<T>(kGamma);
-  const bool in = raw >= T(0) && raw <= T(1);
-  if (dh != nullptr) *dh = in ? static_cast<T>(kZeta - kGamma) * sig * (T(1) - sig) : T(0);
-  return raw < T(0) ? T(0) : (raw > T(1) ? T(1) : raw);  // NaN stays NaN
-}
-
-template <typename T>
-__device__ __forceinline__ T clamp_nan(T t, T lo, T hi) {
-  return t < lo ? lo : (t > hi ? hi : t);
-}
 
 int blocks_for(int64_t numel) {
   const int64_t b = (numel + kThreads - 1) / kThreads;
@@ -43,37 +25,89 @@ int blocks_for(int64_t numel) {
 }
 
 template <typename T>
-__global__ void forward_kernel(const T* __restrict__ w, const T* __restrict__ v,
-                               const T* __restrict__ scale, const T* __restrict__ zp,
-                               T* __restrict__ out, QuantLayout lay, bool soft) {
-  const T lo = static_cast<T>(lay.qmin), hi = static_cast<T>(lay.qmax);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < lay.numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = (i / lay.inner) % lay.channels;
-    const T s = scale[c], z = zp[c];
-    const T h = soft ? soft_h<T>(v[i], nullptr) : (v[i] >= T(0) ? T(1) : T(0));
-    const T t = floor(div_rn(w[i], s)) + h + z;
-    out[i] = (clamp_nan(t, lo, hi) - z) * s;
+struct AdaCoef {
+  T s, z;
+};
+
+// y = (clamp(floor(w/s) + h(v) + z, qmin, qmax) - z) * s per element (kernel_math.h).
+template <typename T>
+struct FwdVisitor {
+  using Coef = AdaCoef<T>;
+  const T* __restrict__ w;
+  const T* __restrict__ v;
+  const T* __restrict__ scale;
+  const T* __restrict__ zp;
+  T* __restrict__ out;
+  T lo, hi;
+  bool soft;
+  __device__ __forceinline__ Coef coef(int64_t c) const { return Coef{scale[c], zp[c]}; }
+  __device__ __forceinline__ void elem(const Coef& k, int64_t i) const {
+    out[i] = kmath::ada_forward<T>(w[i], v[i], k.s, k.z, lo, hi, soft);
   }
+  __device__ __forceinline__ void elem_vec(const Coef& k, int64_t j) const {
+    const Pack<T> a = rows::load_pack(w, j), b = rows::load_pack(v, j);
+    Pack<T> o;
+#pragma unroll
+    for (int u = 0; u < Pack<T>::N; ++u) {
+      o.v[u] = kmath::ada_forward<T>(a.v[u], b.v[u], k.s, k.z, lo, hi, soft);
+    }
+    rows::store_pack(out, j, o);
+  }
+};
+
+// gw = grad * [inside], gv = gw * s * h'(v) (soft) or 0 (hard).
+template <typename T>
+struct BwdVisitor {
+  using Coef = AdaCoef<T>;
+  const T* __restrict__ grad;
+  const T* __restrict__ w;
+  const T* __restrict__ v;
+  const T* __restrict__ scale;
+  const T* __restrict__ zp;
+  T* __restrict__ gw;
+  T* __restrict__ gv;
+  T lo, hi;
+  bool soft;
+  __device__ __forceinline__ Coef coef(int64_t c) const { return Coef{scale[c], zp[c]}; }
+  __device__ __forceinline__ void elem(const Coef& k, int64_t i) const {
+    kmath::ada_backward<T>(grad[i], w[i], v[i], k.s, k.z, lo, hi, soft, gw + i, gv + i);
+  }
+  __device__ __forceinline__ void elem_vec(const Coef& k, int64_t j) const {
+    const Pack<T> g = rows::load_pack(grad, j), a = rows::load_pack(w, j),
+                  b = rows::load_pack(v, j);
+    Pack<T> ow, ov;
+#pragma unroll
+    for (int u = 0; u < Pack<T>::N; ++u) {
+      kmath::ada_backward<T>(g.v[u], a.v[u], b.v[u], k.s, k.z, lo, hi, soft, &ow.v[u], &ov.v[u]);
+    }
+    rows::store_pack(gw, j, ow);
+    rows::store_pack(gv, j, ov);
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(plan::kBlock) forward_kernel(FwdVisitor<T> vis,
+                                                               plan::RowPlan p, bool vec) {
+  rows::for_each_element<T>(p, vec, vis);
 }
 
 template <typename T>
-__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ w,
-                                const T* __restrict__ v, const T* __restrict__ scale,
-                                const T* __restrict__ zp, T* __restrict__ gw, T* __restrict__ gv,
-                                QuantLayout lay, bool soft) {
-  const T lo = static_cast<T>(lay.qmin), hi = static_cast<T>(lay.qmax);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < lay.numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = (i / lay.inner) % lay.channels;
-    const T s = scale[c], z = zp[c];
-    T dh = T(0);
-    const T h = soft ? soft_h<T>(v[i], &dh) : (v[i] >= T(0) ? T(1) : T(0));
-    const T t = floor(div_rn(w[i], s)) + h + z;
-    const T g = (t >= lo && t <= hi) ? grad[i] : grad[i] * T(0);
-    gw[i] = g;
-    gv[i] = soft ? g * s * dh : T(0);
-  }
+__global__ void __launch_bounds__(plan::kBlock) backward_kernel(BwdVisitor<T> vis,
+                                                                plan::RowPlan p, bool vec) {
+  rows::for_each_element<T>(p, vec, vis);
+}
+
+plan::RowPlan plan_of(const QuantLayout& lay) {
+  const int64_t per = lay.channels * lay.inner;
+  return plan::make_row_plan(per > 0 ? lay.numel / per : 0, lay.channels, lay.inner);
+}
+
+template <typename T>
+bool vec_ok(const plan::RowPlan& p, std::initializer_list<const void*> ptrs) {
+  if (!p.long_rows || p.inner % Pack<T>::N != 0) return false;
+  for (const void* q : ptrs)
+    if (!rows::aligned16(q)) return false;
+  return true;
 }
 
 template <typename T>
@@ -83,10 +117,7 @@ __global__ void reg_partial_kernel(const T* __restrict__ v, int64_t numel, T bet
   double s = 0.0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T h = soft_h<T>(v[i], nullptr);
-    T u = T(2) * h - T(1);
-    u = u < T(0) ? -u : u;
-    s += static_cast<double>(T(1) - pow_(u, beta));
+    s += static_cast<double>(kmath::ada_reg<T>(v[i], beta));
   }
   red[threadIdx.x] = s;
   __syncthreads();
@@ -113,38 +144,35 @@ __global__ void reg_final_kernel(const double* __restrict__ partials, int count,
 
 template <typename T>
 __global__ void reg_backward_kernel(const T* __restrict__ grad, const T* __restrict__ v,
-                                    int64_t numel, T beta, T* __restrict__ gv) {
-  const T g = grad[0];
+                                    int64_t numel, T beta, T beta_m1, T* __restrict__ gv) {
+  const T gs = kmath::mul(T(-2), grad[0]);  // exact: the CPU's (T)(-2.0 * g)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    T dh;
-    const T h = soft_h<T>(v[i], &dh);
-    const T u = T(2) * h - T(1);
-    if (u == T(0)) {
-      gv[i] = T(0);
-      continue;
-    }
-    const T sign = u > T(0) ? T(1) : T(-1);
-    const T a = u * sign;
-    gv[i] = T(-2) * g * beta * pow_(a, beta - T(1)) * sign * dh;
+    gv[i] = kmath::ada_reg_backward<T>(gs, v[i], beta, beta_m1);
   }
 }
 
 template <typename T>
 cudaError_t forward_impl(const T* w, const T* v, const T* scale, const T* zp, T* out,
                          QuantLayout lay, bool soft, cudaStream_t stream) {
-  if (lay.numel == 0) return cudaSuccess;
-  forward_kernel<T><<<blocks_for(lay.numel), kThreads, 0, stream>>>(w, v, scale, zp, out, lay,
-                                                                     soft);
+  const plan::RowPlan p = plan_of(lay);
+  if (p.numel == 0) return cudaSuccess;
+  FwdVisitor<T> vis{w, v, scale, zp, out, static_cast<T>(lay.qmin), static_cast<T>(lay.qmax),
+                    soft};
+  forward_kernel<T><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(vis, p,
+                                                                       vec_ok<T>(p, {w, v, out}));
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t backward_impl(const T* grad, const T* w, const T* v, const T* scale, const T* zp,
                           T* gw, T* gv, QuantLayout lay, bool soft, cudaStream_t stream) {
-  if (lay.numel == 0) return cudaSuccess;
-  backward_kernel<T><<<blocks_for(lay.numel), kThreads, 0, stream>>>(grad, w, v, scale, zp, gw,
-                                                                      gv, lay, soft);
+  const plan::RowPlan p = plan_of(lay);
+  if (p.numel == 0) return cudaSuccess;
+  BwdVisitor<T> vis{grad, w, v, scale, zp, gw, gv, static_cast<T>(lay.qmin),
+                    static_cast<T>(lay.qmax), soft};
+  backward_kernel<T><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(
+      vis, p, vec_ok<T>(p, {grad, w, v, gw, gv}));
   return cudaGetLastError();
 }
 
@@ -163,8 +191,8 @@ template <typename T>
 cudaError_t reg_backward_impl(const T* grad, const T* v, int64_t numel, double beta, T* gv,
                               cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  reg_backward_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(grad, v, numel,
-                                                                      static_cast<T>(beta), gv);
+  reg_backward_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(
+      grad, v, numel, static_cast<T>(beta), static_cast<T>(beta - 1.0), gv);
   return cudaGetLastError();
 }
 

@@ -53,8 +53,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_fake_quant_backward_cuda(
     std::optional<int64_t> axis, bool soft) {
   const AdaLayout lay = adaround_check_args("adaround_fake_quant_backward", w, scale, zero_point,
                                             v, qmin, qmax, axis);
-  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "adaround_fake_quant_backward: grad has shape ",
-                    grad.sizes(), ", expected the shape of w ", w.sizes());
+  adaround_check_grad("adaround_fake_quant_backward", grad, w);
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor gc = grad.to(w.scalar_type()).contiguous();
   const at::Tensor wc = w.contiguous(), vc = v.contiguous();

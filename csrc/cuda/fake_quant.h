@@ -1,9 +1,12 @@
-// Raw CUDA launchers for fake_quant / lsq_fake_quant (float32). Plain C++ interface: device
-// pointers, sizes and a stream; no torch types, so fake_quant.cu needs only cuda_runtime.h.
+// Raw CUDA launchers for fake_quant / lsq_fake_quant. Plain C++ interface: device pointers,
+// sizes and a stream; no torch types, so fake_quant.cu needs only the CUDA runtime headers.
 //
-// x is viewed as [outer, channels, inner] (channels = 1 for per-tensor). scale, inv (= 1/scale,
-// computed in float32) and zp (zero point as float; already rounded/clamped for LSQ) hold one
-// value per channel. Semantics: see csrc/cpu/fake_quant.cpp.
+// x is viewed as [outer, channels, inner] (channels = 1 for per-tensor) and read in its native
+// dtype (float32/float64 computed natively, float16/bfloat16 in float32, like the CPU kernels).
+// scale and zp are float32 device arrays of `channels` values as given by the user (zp not yet
+// rounded); the kernels compute inv = 1.0f / scale and, for LSQ, the rounded and clamped zero
+// point themselves, exactly like the CPU's read_params. Per-element formulas: kernel_math.h;
+// work partition and reduction order: kernel_plan.h. Semantics: csrc/cpu/fake_quant.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,27 +16,39 @@
 namespace ompq {
 namespace cuda {
 
+enum class FqDType { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
 struct FqShape {
   int64_t outer;
   int64_t channels;
   int64_t inner;
 };
 
-// y = (clamp(rint(x * inv) + zp, qmin, qmax) - zp) * scale  (NaN -> qmin).
-cudaError_t fake_quant_forward(const float* x, float* y, const float* scale, const float* inv,
+// *bad (device int) = 1 when some channel fails the CPU's read_params checks, else 0.
+// One block; the caller reads *bad back (its only device-to-host sync).
+cudaError_t fq_check_params(const float* scale, const float* zp, int64_t channels, float qmin,
+                            float qmax, bool round_zp, int* bad, cudaStream_t stream);
+
+// y = clamp(rint(x * inv) + 0, qmin - zp, qmax - zp) * scale  (NaN -> qmin); round_zp: LSQ.
+cudaError_t fake_quant_forward(const void* x, void* y, FqDType dtype, const float* scale,
                                const float* zp, FqShape shape, float qmin, float qmax,
-                               cudaStream_t stream);
+                               bool round_zp, cudaStream_t stream);
 
 // gx = g * (qmin <= rint(x * inv) + zp <= qmax).
-cudaError_t fake_quant_backward(const float* g, const float* x, float* gx, const float* inv,
-                                const float* zp, FqShape shape, float qmin, float qmax,
-                                cudaStream_t stream);
+cudaError_t fake_quant_backward(const void* g, const void* x, void* gx, FqDType dtype,
+                                const float* scale, const float* zp, FqShape shape, float qmin,
+                                float qmax, cudaStream_t stream);
 
-// LSQ backward: writes gx and ADDS the per-channel sums of the scale / zero-point gradients
-// into acc_scale[channels] and acc_zp[channels] (double; the caller zeroes them).
-cudaError_t lsq_backward(const float* g, const float* x, float* gx, const float* scale,
-                         const float* inv, const float* zp, FqShape shape, float qmin,
-                         float qmax, float grad_factor, double* acc_scale, double* acc_zp,
+// Number of fp64 partial sums lsq_backward needs in each of part_s and part_z.
+int64_t lsq_partial_slots(FqShape shape);
+
+// LSQ backward: writes gx and the per-channel sums of the scale / zero-point gradients into
+// out_s / out_z (float32 or float64 as flagged), via per-item partial sums (plain stores) and a
+// finalise kernel that adds them in a fixed order in fp64: bitwise reproducible.
+cudaError_t lsq_backward(const void* g, const void* x, void* gx, FqDType dtype,
+                         const float* scale, const float* zp, FqShape shape, float qmin,
+                         float qmax, float grad_factor, double* part_s, double* part_z,
+                         void* out_s, bool out_s_double, void* out_z, bool out_z_double,
                          cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,95 +1,88 @@
 // Torch glue for the CUDA fake-quant kernels (built only with a CUDA torch).
 //
-// Shapes and dtypes are checked here with the same messages as the CPU ops. Value checks on
-// scale/zero_point (positive, finite, in range) would need a device-to-host sync per call and
-// are not done on CUDA. Non-float32 inputs are computed in float32 and cast back.
+// Argument checks are the CPU's own (csrc/cpu/fake_quant_checks.h): same rules, same messages.
+// The value checks of scale / zero_point (positive, finite, invertible in float32, zero point in
+// range) run on the device as one fused boolean reduction read back with a single sync; on
+// failure scale and zero_point are copied to the CPU and the CPU's read_params raises the
+// identical message. x, grad and the outputs keep their dtype (no conversion kernels): the
+// kernels load float32/float64/float16/bfloat16 natively.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
+#include "../cpu/fake_quant_checks.h"
 #include "fake_quant.h"
 
 namespace ompq {
 namespace {
 
 using at::Tensor;
+using fq_checks::Layout;
 
-cuda::FqShape layout(const char* op, const Tensor& x, const Tensor& scale, const Tensor& zp,
-                     int64_t qmin, int64_t qmax, c10::optional<int64_t> axis) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "ompq.", op, ": x must be a floating-point tensor (float32, float64, float16 or "
-              "bfloat16), got ", x.scalar_type());
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()),
-              "ompq.", op, ": scale must be a floating-point tensor, got ", scale.scalar_type());
-  TORCH_CHECK(scale.device() == x.device() && zp.device() == x.device(),
-              "ompq.", op, ": scale (", scale.device(), ") and zero_point (", zp.device(),
-              ") must be on the same device as x (", x.device(), ")");
-  TORCH_CHECK(qmin < qmax, "ompq.", op, ": qmin (", qmin, ") must be smaller than qmax (", qmax,
-              ")");
-  TORCH_CHECK(qmax - qmin <= 65535 && qmin >= -65536 && qmax <= 65535,
-              "ompq.", op, ": [qmin, qmax] = [", qmin, ", ", qmax,
-              "] is not a range of at most 16 bits");
-  cuda::FqShape s{1, 1, x.numel()};
-  if (!axis.has_value()) {
-    TORCH_CHECK(scale.numel() == 1 && zp.numel() == 1,
-                "ompq.", op, ": per-tensor quantization (axis=None) needs 1-element scale and "
-                "zero_point, got scale with ", scale.numel(), " and zero_point with ", zp.numel(),
-                " elements (pass axis=... for per-channel)");
-    return s;
+cuda::FqDType dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kDouble:
+      return cuda::FqDType::kFloat64;
+    case at::kHalf:
+      return cuda::FqDType::kFloat16;
+    case at::kBFloat16:
+      return cuda::FqDType::kBFloat16;
+    default:
+      return cuda::FqDType::kFloat32;  // check_and_layout admits only these four
   }
-  const int64_t dim = x.dim(), a = *axis;
-  TORCH_CHECK(dim > 0 && a >= -dim && a < dim, "ompq.", op, ": axis ", a,
-              " is out of range for x with ", dim, " dimensions");
-  const int64_t ax = a < 0 ? a + dim : a;
-  s.channels = x.size(ax);
-  s.inner = 1;
-  for (int64_t d = 0; d < ax; ++d) s.outer *= x.size(d);
-  for (int64_t d = ax + 1; d < dim; ++d) s.inner *= x.size(d);
-  TORCH_CHECK(scale.numel() == s.channels, "ompq.", op, ": scale has ", scale.numel(),
-              " elements but x.size(", ax, ") = ", s.channels, " channels");
-  TORCH_CHECK(zp.numel() == s.channels, "ompq.", op, ": zero_point has ", zp.numel(),
-              " elements but x.size(", ax, ") = ", s.channels, " channels");
-  return s;
 }
 
-struct DevParams {
-  Tensor scale, inv, zp;
-};
-
-DevParams params(const Tensor& scale, const Tensor& zero_point, int64_t qmin, int64_t qmax,
-                 bool round_zp) {
-  DevParams p;
-  p.scale = scale.detach().to(at::kFloat).contiguous().reshape({-1});
-  p.inv = at::reciprocal(p.scale);  // 1.0f / scale in float32, like the CPU kernels
-  Tensor z = zero_point.detach().to(at::kFloat).contiguous().reshape({-1});
-  p.zp = round_zp ? at::clamp(at::round(z), static_cast<double>(qmin), static_cast<double>(qmax))
-                  : z;
-  return p;
-}
+cuda::FqShape shape_of(const Layout& l) { return cuda::FqShape{l.outer, l.channels, l.inner}; }
 
 void check(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, "ompq.", op, ": CUDA kernel launch failed: ",
               cudaGetErrorString(e));
 }
 
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// scale / zero point as contiguous float32 (no kernel when they already are).
+Tensor as_f32(const Tensor& t) { return t.detach().reshape({-1}).to(at::kFloat).contiguous(); }
+
+struct DevParams {
+  Tensor scale, zp;  // float32, raw (the kernels invert the scale and round the LSQ zero point)
+};
+
+// Validates scale / zero point on the device with one sync; raises the CPU's message on failure.
+DevParams device_params(const char* op, const Tensor& scale, const Tensor& zero_point,
+                        int64_t qmin, int64_t qmax, bool round_zp, int64_t channels) {
+  DevParams p{as_f32(scale), as_f32(zero_point)};
+  if (channels == 0) return p;
+  Tensor bad = at::empty({1}, p.scale.options().dtype(at::kInt));
+  check(cuda::fq_check_params(p.scale.const_data_ptr<float>(), p.zp.const_data_ptr<float>(),
+                              channels, static_cast<float>(qmin), static_cast<float>(qmax),
+                              round_zp, bad.mutable_data_ptr<int>(), stream()),
+        op);
+  if (bad.item<int>() != 0) {  // the one device-to-host sync
+    fq_checks::read_params(op, scale, zero_point, qmin, qmax, round_zp);  // throws
+    TORCH_CHECK(false, "ompq.", op, ": invalid scale or zero_point");
+  }
+  return p;
+}
+
 Tensor forward_cuda(const char* op, const Tensor& x_, const Tensor& scale,
                     const Tensor& zero_point, int64_t qmin, int64_t qmax,
                     c10::optional<int64_t> axis, bool round_zp) {
-  const auto shape = layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
   c10::cuda::CUDAGuard guard(x_.device());
-  const Tensor x = x_.to(at::kFloat).contiguous();
-  const DevParams p = params(scale, zero_point, qmin, qmax, round_zp);
+  const DevParams p = device_params(op, scale, zero_point, qmin, qmax, round_zp, l.channels);
+  const Tensor x = x_.contiguous();
   Tensor y = at::empty_like(x);
-  check(cuda::fake_quant_forward(x.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
-                                 p.scale.const_data_ptr<float>(), p.inv.const_data_ptr<float>(),
-                                 p.zp.const_data_ptr<float>(), shape, static_cast<float>(qmin),
-                                 static_cast<float>(qmax),
-                                 c10::cuda::getCurrentCUDAStream().stream()),
+  check(cuda::fake_quant_forward(x.const_data_ptr(), y.mutable_data_ptr(), dtype_of(x),
+                                 p.scale.const_data_ptr<float>(), p.zp.const_data_ptr<float>(),
+                                 shape_of(l), static_cast<float>(qmin), static_cast<float>(qmax),
+                                 round_zp, stream()),
         op);
-  return y.to(x_.scalar_type());
+  return y;
 }
 
 Tensor fake_quant_cuda(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
@@ -103,53 +96,61 @@ Tensor lsq_fake_quant_cuda(const Tensor& x, const Tensor& scale, const Tensor& z
   return forward_cuda("lsq_fake_quant", x, scale, zero_point, qmin, qmax, axis, true);
 }
 
-Tensor fake_quant_backward_cuda(const Tensor& grad, const Tensor& x_, const Tensor& scale,
+Tensor fake_quant_backward_cuda(const Tensor& grad_, const Tensor& x_, const Tensor& scale,
                                 const Tensor& zero_point, int64_t qmin, int64_t qmax,
                                 c10::optional<int64_t> axis) {
   const char* op = "fake_quant_backward";
-  const auto shape = layout(op, x_, scale, zero_point, qmin, qmax, axis);
-  TORCH_CHECK(grad.sizes() == x_.sizes(), "ompq.", op, ": grad has shape ", grad.sizes(),
-              " but x has shape ", x_.sizes());
+  const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  fq_checks::check_grad(op, grad_, x_);
   c10::cuda::CUDAGuard guard(x_.device());
-  const Tensor x = x_.to(at::kFloat).contiguous();
-  const Tensor g = grad.to(at::kFloat).contiguous();
-  const DevParams p = params(scale, zero_point, qmin, qmax, false);
+  const DevParams p = device_params(op, scale, zero_point, qmin, qmax, false, l.channels);
+  const Tensor x = x_.contiguous();
+  const Tensor g = grad_.contiguous();
   Tensor gx = at::empty_like(x);
-  check(cuda::fake_quant_backward(g.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                                  gx.mutable_data_ptr<float>(), p.inv.const_data_ptr<float>(),
-                                  p.zp.const_data_ptr<float>(), shape, static_cast<float>(qmin),
-                                  static_cast<float>(qmax),
-                                  c10::cuda::getCurrentCUDAStream().stream()),
+  check(cuda::fake_quant_backward(g.const_data_ptr(), x.const_data_ptr(), gx.mutable_data_ptr(),
+                                  dtype_of(x), p.scale.const_data_ptr<float>(),
+                                  p.zp.const_data_ptr<float>(), shape_of(l),
+                                  static_cast<float>(qmin), static_cast<float>(qmax), stream()),
         op);
-  return gx.to(x_.scalar_type());
+  return gx;
 }
 
 std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cuda(
-    const Tensor& grad, const Tensor& x_, const Tensor& scale, const Tensor& zero_point,
+    const Tensor& grad_, const Tensor& x_, const Tensor& scale, const Tensor& zero_point,
     int64_t qmin, int64_t qmax, c10::optional<int64_t> axis, double grad_factor) {
   const char* op = "lsq_fake_quant_backward";
-  const auto shape = layout(op, x_, scale, zero_point, qmin, qmax, axis);
-  TORCH_CHECK(grad.sizes() == x_.sizes(), "ompq.", op, ": grad has shape ", grad.sizes(),
-              " but x has shape ", x_.sizes());
+  const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  fq_checks::check_grad(op, grad_, x_);
+  TORCH_CHECK(std::isfinite(grad_factor), "ompq.", op, ": grad_factor must be finite, got ",
+              grad_factor);
   c10::cuda::CUDAGuard guard(x_.device());
-  const Tensor x = x_.to(at::kFloat).contiguous();
-  const Tensor g = grad.to(at::kFloat).contiguous();
-  const DevParams p = params(scale, zero_point, qmin, qmax, true);
+  const DevParams p = device_params(op, scale, zero_point, qmin, qmax, true, l.channels);
+  const Tensor x = x_.contiguous();
+  const Tensor g = grad_.contiguous();
   Tensor gx = at::empty_like(x);
-  Tensor acc = at::zeros({2, shape.channels}, x.options().dtype(at::kDouble));
-  check(cuda::lsq_backward(g.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                           gx.mutable_data_ptr<float>(), p.scale.const_data_ptr<float>(),
-                           p.inv.const_data_ptr<float>(), p.zp.const_data_ptr<float>(), shape,
-                           static_cast<float>(qmin), static_cast<float>(qmax),
-                           static_cast<float>(grad_factor), acc.mutable_data_ptr<double>(),
-                           acc.mutable_data_ptr<double>() + shape.channels,
-                           c10::cuda::getCurrentCUDAStream().stream()),
-        op);
+  const cuda::FqShape shape = shape_of(l);
+  const int64_t slots = cuda::lsq_partial_slots(shape);
+  const auto dopts = x.options().dtype(at::kDouble);
+  Tensor part = at::empty({2 * slots}, dopts);
+  // Outputs written by the finalise kernel directly when float32/float64; other dtypes go through
+  // fp64 and a cast. Separate allocations: grad_scale and grad_zero_point never alias.
+  const auto sdt = scale.scalar_type();
   const auto zdt = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
                                                                 : at::kFloat;
-  return std::make_tuple(gx.to(x_.scalar_type()),
-                         acc[0].to(scale.scalar_type()).reshape(scale.sizes()),
-                         acc[1].to(zdt).reshape(zero_point.sizes()));
+  auto direct = [](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; };
+  Tensor gs = at::empty({l.channels}, x.options().dtype(direct(sdt) ? sdt : at::kDouble));
+  Tensor gz = at::empty({l.channels}, x.options().dtype(direct(zdt) ? zdt : at::kDouble));
+  check(cuda::lsq_backward(g.const_data_ptr(), x.const_data_ptr(), gx.mutable_data_ptr(),
+                           dtype_of(x), p.scale.const_data_ptr<float>(),
+                           p.zp.const_data_ptr<float>(), shape, static_cast<float>(qmin),
+                           static_cast<float>(qmax), static_cast<float>(grad_factor),
+                           part.mutable_data_ptr<double>(),
+                           part.mutable_data_ptr<double>() + slots, gs.mutable_data_ptr(),
+                           gs.scalar_type() == at::kDouble, gz.mutable_data_ptr(),
+                           gz.scalar_type() == at::kDouble, stream()),
+        op);
+  return std::make_tuple(gx, gs.to(sdt).reshape(scale.sizes()),
+                         gz.to(zdt).reshape(zero_point.sizes()));
 }
 
 }  // namespace

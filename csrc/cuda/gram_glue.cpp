@@ -15,20 +15,18 @@ at::Tensor centered_gram_cuda(const at::Tensor& x_in) {
   const at::Tensor x = gram_prepare_input(x_in);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), d = x.size(1);
-  at::Tensor out = at::zeros({n, n}, x.options().dtype(at::kFloat));
-  if (d == 0) return out;
+  if (d == 0) return at::zeros({n, n}, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({n, n}, x.options().dtype(at::kFloat));  // the finalise writes all
   at::Tensor mean = at::empty({d}, x.options().dtype(at::kFloat));
+  at::Tensor partial =
+      at::empty({cuda::gram_partial_count(n, d)}, x.options().dtype(at::kDouble));
   cuda::GramDType dt = cuda::GramDType::kFloat32;
   if (x.scalar_type() == at::kHalf) dt = cuda::GramDType::kFloat16;
   if (x.scalar_type() == at::kBFloat16) dt = cuda::GramDType::kBFloat16;
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the error; the launcher falls back to a default
-    sms = 0;
-  }
-  const cudaError_t err =
-      cuda::centered_gram(x.const_data_ptr(), dt, n, d, x.stride(0), mean.mutable_data_ptr<float>(),
-                          out.mutable_data_ptr<float>(), sms, c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = cuda::centered_gram(
+      x.const_data_ptr(), dt, n, d, x.stride(0), mean.mutable_data_ptr<float>(),
+      partial.mutable_data_ptr<double>(), out.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "centered_gram: CUDA launch failed: ", cudaGetErrorString(err));
   gram_check_finite(out);
   return out;

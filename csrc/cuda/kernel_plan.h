@@ -1,0 +1,168 @@
+// Work partition of the CUDA kernels (which warp/thread covers which elements, where partial
+// sums go and in which order they are finalised). __host__ __device__ so the host-side test
+// (tests/cpp/test_cuda_host.cpp) checks, on the CPU, that every element is covered exactly once
+// and that the finalise order sums every partial exactly once. The partition depends only on
+// the tensor shape, never on the grid size or the GPU: reductions are bitwise reproducible.
+#pragma once
+
+#include <cstdint>
+
+#include "kernel_math.h"  // OMPQ_HD
+
+namespace ompq {
+namespace plan {
+
+constexpr int kBlock = 256;          // threads per block of the row kernels
+constexpr int kWarp = 32;
+constexpr int64_t kSeg = 1024;       // elements per warp item (long rows)
+constexpr int64_t kLongMin = 256;    // rows of at least this many elements use warp items
+constexpr int64_t kIters = 32;       // iterations per tile (short rows)
+
+// x viewed as [outer, C, inner]; a "row" is the `inner` contiguous elements of one (o, c).
+//
+// Long rows (inner >= kLongMin): work items are (row, segment of <= kSeg elements); one warp
+// processes one item (lanes stride through it, coalesced), so the channel is constant per item.
+// Partial sums: one slot per item, slot = (o * C + c) * S + seg with S = segments per row.
+//
+// Short rows: a tile is (channel group g, outer tile ot). A group is kc = floor(kBlock / inner)
+// consecutive channels (W = kc * inner contiguous columns of an outer row); when one group holds
+// all C channels, a tile iteration covers rpi consecutive outer rows at once. Thread t owns one
+// column (hence one channel) and walks kIters iterations down the outer rows: consecutive threads
+// read consecutive addresses. Partial sums: one slot per (ot, c), slot = ot * C + c (S = 1).
+struct RowPlan {
+  int64_t outer = 0, channels = 1, inner = 1, numel = 0;
+  bool long_rows = false;
+  int64_t segs = 1, items = 0;                                    // long rows
+  int64_t kc = 1, width = 1, rpi = 1, rows_per_tile = 1, groups = 0, otiles = 0, tiles = 0;
+  int64_t U = 0, S = 1;  // partial slots: U * C * S
+};
+
+OMPQ_HD RowPlan make_row_plan(int64_t outer, int64_t channels, int64_t inner) {
+  RowPlan p;
+  p.outer = outer;
+  p.channels = channels;
+  p.inner = inner;
+  p.numel = outer * channels * inner;
+  if (p.numel == 0) return p;
+  p.long_rows = inner >= kLongMin;
+  if (p.long_rows) {
+    p.segs = (inner + kSeg - 1) / kSeg;
+    p.items = outer * channels * p.segs;
+    p.U = outer;
+    p.S = p.segs;
+  } else {
+    p.kc = kBlock / inner;
+    if (p.kc > channels) p.kc = channels;
+    p.width = p.kc * inner;
+    p.rpi = p.kc == channels ? kBlock / (channels * inner) : 1;
+    p.rows_per_tile = p.rpi * kIters;
+    p.groups = (channels + p.kc - 1) / p.kc;
+    p.otiles = (outer + p.rows_per_tile - 1) / p.rows_per_tile;
+    p.tiles = p.groups * p.otiles;
+    p.U = p.otiles;
+    p.S = 1;
+  }
+  return p;
+}
+
+OMPQ_HD int64_t partial_slots(const RowPlan& p) { return p.U * p.channels * p.S; }
+
+// Long rows: item -> channel c and element range [begin, end).
+OMPQ_HD void long_item(const RowPlan& p, int64_t item, int64_t* c, int64_t* begin,
+                       int64_t* end) {
+  const int64_t row = p.segs == 1 ? item : item / p.segs;
+  const int64_t seg = item - row * p.segs;
+  *c = p.channels == 1 ? 0 : row % p.channels;
+  *begin = row * p.inner + seg * kSeg;
+  const int64_t e = *begin + kSeg;
+  const int64_t row_end = (row + 1) * p.inner;
+  *end = e < row_end ? e : row_end;
+}
+
+// Short rows: thread t of tile -> its first element, its channel, its first outer row and the
+// flat-index step per iteration. Returns false when the thread has no column in this tile.
+struct ShortThread {
+  int64_t base, c, o0, step;
+  int64_t group, otile, local;  // channel group, outer tile, channel index inside the group
+};
+
+OMPQ_HD bool short_thread(const RowPlan& p, int64_t tile, int t, ShortThread* st) {
+  st->group = tile % p.groups;
+  st->otile = tile / p.groups;
+  if (t >= p.rpi * p.width) return false;
+  const int64_t col = t % p.width;
+  const int64_t phase = t / p.width;
+  st->local = col / p.inner;
+  st->c = st->group * p.kc + st->local;
+  if (st->c >= p.channels) return false;
+  st->o0 = st->otile * p.rows_per_tile + phase;
+  const int64_t row_len = p.channels * p.inner;
+  st->base = st->o0 * row_len + st->group * p.width + col;
+  st->step = p.rpi * row_len;
+  return true;
+}
+
+// Slot of a partial sum and the order of the finalise: channel c sums m = 0 .. U*S-1 (each
+// lane of its warp takes m = lane, lane + 32, ..., then a fixed shuffle tree).
+OMPQ_HD int64_t slot_of(const RowPlan& p, int64_t u, int64_t c, int64_t seg) {
+  return (u * p.channels + c) * p.S + seg;
+}
+OMPQ_HD int64_t finalize_slot(const RowPlan& p, int64_t c, int64_t m) {
+  const int64_t u = p.S == 1 ? m : m / p.S;
+  return slot_of(p, u, c, m - u * p.S);
+}
+
+// ---- centered_gram -------------------------------------------------------------------------
+constexpr int kGTile = 64;     // output tile (kGTile x kGTile)
+constexpr int kGK = 32;        // columns per shared-memory stage
+constexpr int kGFlush = 256;   // columns accumulated in fp32 before a flush into fp64
+constexpr int64_t kGTargetBlocks = 256;
+
+// Upper-triangle tile pairs (bi <= bj), row-major; D cut into `slices` slices of `slice`
+// columns (a multiple of kGFlush). Block (pair, slice) writes its kGTile x kGTile fp64 partial
+// Gram to partial[(pair * slices + slice) * kGTile * kGTile]; the finalise sums the slices of an
+// entry in slice order.
+struct GramPlan {
+  int64_t n = 0, d = 0, tiles = 0, pairs = 0, slice = 0, slices = 0;
+};
+
+OMPQ_HD GramPlan make_gram_plan(int64_t n, int64_t d) {
+  GramPlan g;
+  g.n = n;
+  g.d = d;
+  if (n <= 0 || d <= 0) return g;
+  g.tiles = (n + kGTile - 1) / kGTile;
+  g.pairs = g.tiles * (g.tiles + 1) / 2;
+  const int64_t want = (kGTargetBlocks + g.pairs - 1) / g.pairs;  // slices wanted
+  int64_t s = (d + want - 1) / want;
+  s = ((s + kGFlush - 1) / kGFlush) * kGFlush;
+  g.slice = s;
+  g.slices = (d + s - 1) / s;
+  return g;
+}
+
+// Pair p -> (bi, bj), bi <= bj.
+OMPQ_HD void gram_pair(const GramPlan& g, int64_t p, int64_t* bi, int64_t* bj) {
+  int64_t i = 0, row_len = g.tiles;
+  while (p >= row_len) {
+    p -= row_len;
+    ++i;
+    --row_len;
+  }
+  *bi = i;
+  *bj = i + p;
+}
+// (bi, bj), bi <= bj -> pair index (inverse of gram_pair).
+OMPQ_HD int64_t gram_pair_index(const GramPlan& g, int64_t bi, int64_t bj) {
+  return bi * g.tiles - bi * (bi - 1) / 2 + (bj - bi);
+}
+// Partial of output entry (i, j) (any order) from slice s.
+OMPQ_HD int64_t gram_partial_index(const GramPlan& g, int64_t i, int64_t j, int64_t s) {
+  const int64_t a = i < j ? i : j, b = i < j ? j : i;
+  const int64_t bi = a / kGTile, bj = b / kGTile;
+  const int64_t p = gram_pair_index(g, bi, bj);
+  return ((p * g.slices + s) * kGTile + (a - bi * kGTile)) * kGTile + (b - bj * kGTile);
+}
+
+}  // namespace plan
+}  // namespace ompq
