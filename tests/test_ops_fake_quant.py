@@ -440,21 +440,3 @@ def test_gradcheck_where_the_estimator_is_exact(impl, axis, gen):
         lambda a: (ops.fake_quant if impl == "ops" else reference.fake_quant)(a, s.detach(), z,
                                                                               -8, 7, axis),
         (x,), eps=2.0 ** -10, atol=1e-9, rtol=1e-9)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("axis", [None, 0, 1, -1])
-def test_cuda_matches_cpu(axis, gen):
-    x = torch.randn(8, 33, 17, generator=gen) * 3
-    c = 1 if axis is None else x.shape[axis]
-    s = torch.rand(c, generator=gen) * 0.2 + 0.05
-    z = torch.randint(0, 16, (c,), generator=gen).float() + 0.25
-    g = torch.randn(x.shape, generator=gen)
-    for fn in (lambda a, b, d: ops.fake_quant(a, b, d.round(), 0, 15, axis),
-               lambda a, b, d: ops.lsq_fake_quant(a, b, d, 0, 15, axis, 0.5)):
-        cpu = _run(fn, x, s, z, g)
-        dev = _run(fn, x.cuda(), s.cuda(), z.cuda(), g.cuda())
-        assert torch.equal(cpu[0], dev[0].cpu()) and torch.equal(cpu[1], dev[1].cpu())
-        if dev[2] is not None:
-            torch.testing.assert_close(dev[2].cpu(), cpu[2], rtol=1e-5, atol=1e-4)
-            torch.testing.assert_close(dev[3].cpu(), cpu[3], rtol=1e-5, atol=1e-4)

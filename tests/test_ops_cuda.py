@@ -1,0 +1,240 @@
+"""CUDA kernels of ompq against the CPU kernels (skipped without a CUDA GPU).
+
+Bit equality where the CPU promises it (fake_quant / lsq forward, grad_x, AdaRound hard mode);
+assert_close for sums (grad_scale, grad_zero_point, Gram, adaround_reg) and AdaRound's soft mode
+(expf differs from the CPU's vectorised exp in the last bits). Every CUDA result must also be
+bitwise reproducible run to run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ompq import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+OPS = torch.ops.ompq
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bitwise equal values (NaN matches NaN whatever its payload)."""
+    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+def _run(fn, x, s, z, g):
+    """Forward and backward of fn; returns (y, grad_x, grad_scale, grad_zero_point)."""
+    x = x.detach().clone().requires_grad_()
+    s = s.detach().clone().requires_grad_()
+    z = z.detach().clone().requires_grad_()
+    y = fn(x, s, z)
+    y.backward(g)
+    return y.detach(), x.grad, s.grad, z.grad
+
+
+def _data(shape, axis, dtype, gen, special=True):
+    x = torch.randn(shape, generator=gen) * 3
+    if special and x.numel() > 8:
+        flat = x.view(-1)
+        flat[0], flat[1], flat[2] = float("nan"), float("inf"), float("-inf")
+        flat[3:8] = torch.tensor([0.5, 1.5, -2.5, 1e30, -1e30])
+    c = 1 if axis is None else shape[axis]
+    s = torch.rand(c, generator=gen) * 0.2 + 0.05
+    z = torch.randint(0, 16, (c,), generator=gen).float()
+    g = torch.randn(shape, generator=gen)
+    return x.to(dtype), s, z, g.to(dtype)
+
+
+def _compare_fq(x, s, z, g, axis, sum_tol=1e-5):
+    for lsq in (False, True):
+        if lsq:
+            fn = lambda a, b, d: ops.lsq_fake_quant(a, b, d + 0.3, 0, 15, axis, 0.5)  # noqa: E731
+        else:
+            fn = lambda a, b, d: ops.fake_quant(a, b, d, 0, 15, axis)  # noqa: E731
+        cpu = _run(fn, x, s, z, g)
+        dev = _run(fn, x.cuda(), s.cuda(), z.cuda(), g.cuda())
+        _same(dev[0], cpu[0])
+        _same(dev[1], cpu[1])
+        again = _run(fn, x.cuda(), s.cuda(), z.cuda(), g.cuda())
+        for a, b in zip(dev, again):
+            if a is not None:
+                _same(a, b)  # deterministic
+        if lsq:
+            for a, b in ((dev[2], cpu[2]), (dev[3], cpu[3])):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a.cpu(), b, rtol=sum_tol, atol=sum_tol * 10,
+                                           equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+def test_fake_quant_and_lsq_match_cpu(dtype, axis, gen):
+    x, s, z, g = _data((8, 33, 17), axis, dtype, gen)
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    _compare_fq(x, s, z, g, axis, tol)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 40, 40), 1), ((2, 1000, 9), 1), ((300, 5), -1),
+                                        ((3, 2, 3000), 0), ((7,), None), ((512, 4608), 0)])
+def test_layouts_long_and_short_rows(shape, axis, gen):
+    x, s, z, g = _data(shape, axis, torch.float32, gen)
+    _compare_fq(x, s, z, g, axis)
+
+
+def test_many_channels(gen):
+    """More than 65 535 channels (no grid.y limit)."""
+    x, s, z, g = _data((2, 70000), 1, torch.float32, gen)
+    _compare_fq(x, s, z, g, 1)
+    x, s, z, g = _data((70000, 3), 0, torch.float32, gen)
+    _compare_fq(x, s, z, g, 0)
+
+
+def test_noncontiguous_and_empty(gen):
+    x, s, z, g = _data((6, 8, 5), 2, torch.float32, gen)
+    xt = x.transpose(0, 2)  # channels now along dim 0, non-contiguous
+    _compare_fq(xt, s, z, g.transpose(0, 2), 0)
+    for shape, axis in (((0, 4), 1), ((3, 0), 1), ((0,), None)):
+        x, s, z, g = _data(shape, axis, torch.float32, gen, special=False)
+        _compare_fq(x, s, z, g, axis)
+
+
+def test_float64_is_native(gen):
+    """float64 is computed in float64 (x/scale keeps more bits than float32 would)."""
+    x = torch.tensor([1.0000000001, 2.5000000001], dtype=torch.float64)
+    s, z = torch.tensor([1.0]), torch.tensor([0.0])
+    _same(ops.fake_quant(x.cuda(), s.cuda(), z.cuda(), -8, 7), ops.fake_quant(x, s, z, -8, 7))
+    assert ops.fake_quant(x.cuda(), s.cuda(), z.cuda(), -8, 7)[1].item() == 3.0
+
+
+def test_params_dtypes_and_aliasing(gen):
+    x, _, _, g = _data((4, 6), 1, torch.float64, gen)
+    s, z = torch.rand(6, dtype=torch.float64) + 0.1, torch.zeros(6, dtype=torch.float64)
+    _, gs, gz = OPS.lsq_fake_quant_backward(g.cuda(), x.cuda(), s.cuda(), z.cuda(), 0, 15, 1, 1.0)
+    assert gs.dtype == torch.float64 and gz.dtype == torch.float64
+    assert gs.untyped_storage().data_ptr() != gz.untyped_storage().data_ptr()
+    zi = torch.zeros(6, dtype=torch.int32)
+    cpu = OPS.lsq_fake_quant_backward(g, x, s, zi, 0, 15, 1, 1.0)
+    dev = OPS.lsq_fake_quant_backward(g.cuda(), x.cuda(), s.cuda(), zi.cuda(), 0, 15, 1, 1.0)
+    assert dev[2].dtype == cpu[2].dtype == torch.float32
+    _same(dev[0], cpu[0])
+
+
+def test_error_messages_match_cpu():
+    x = torch.randn(2, 3, 4)
+    s1, z1 = torch.tensor([0.1]), torch.tensor([0.0])
+    bad = [
+        (OPS.fake_quant, (x, -s1, z1, 0, 15)),
+        (OPS.fake_quant, (x, torch.tensor([0.1, 0.0, 0.1]), torch.zeros(3), 0, 15, 1)),
+        (OPS.lsq_fake_quant, (x, torch.tensor([float("nan")]), z1, 0, 15)),
+        (OPS.fake_quant, (x, torch.tensor([1e-45]), z1, 0, 15)),
+        (OPS.fake_quant, (x, s1, torch.tensor([20.0]), 0, 15)),
+        (OPS.fake_quant, (x, s1, torch.tensor([float("inf")]), 0, 15)),
+        (OPS.fake_quant, (x, s1, z1, 15, 0)),
+        (OPS.fake_quant, (x.to(torch.float8_e4m3fn), s1, z1, 0, 15)),
+        (OPS.fake_quant, (x, s1, torch.tensor([True]), 0, 15)),
+        (OPS.lsq_fake_quant_backward, (x, x, s1, z1, 0, 15, None, float("inf"))),
+        (OPS.fake_quant_backward, (x.double(), x, s1, z1, 0, 15)),
+    ]
+    for op, args in bad:
+        with pytest.raises(RuntimeError) as cpu_err:
+            op(*args)
+        dev_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError) as dev_err:
+            op(*dev_args)
+        assert str(cpu_err.value).splitlines()[0] == str(dev_err.value).splitlines()[0]
+
+
+def test_mismatched_devices():
+    x = torch.randn(2, 3).cuda()
+    s, z = torch.tensor([0.1]), torch.tensor([0.0])
+    with pytest.raises(RuntimeError, match="must be on the same device as x"):
+        OPS.fake_quant(x, s, z, 0, 15)
+    with pytest.raises(RuntimeError, match="grad is on cpu"):
+        OPS.fake_quant_backward(x.cpu(), x, s.cuda(), z.cuda(), 0, 15)
+    with pytest.raises(RuntimeError, match="grad is on cpu"):
+        OPS.lsq_fake_quant_backward(x.cpu(), x, s.cuda(), z.cuda(), 0, 15)
+    w, v = torch.randn(4, 3).cuda(), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="v is on cpu"):
+        OPS.adaround_fake_quant(w, s.cuda(), z.cuda(), v, 0, 15, None, True)
+    with pytest.raises(ValueError, match="grad is on cpu"):
+        OPS.adaround_fake_quant_backward(w.cpu(), w, s.cuda(), z.cuda(), v.cuda(), 0, 15, None,
+                                         True)
+    with pytest.raises(ValueError, match="v is on cuda"):
+        OPS.adaround_fake_quant(w.cpu(), s, z, v.cuda(), 0, 15, None, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+@pytest.mark.parametrize("soft", [False, True])
+def test_adaround_matches_cpu(dtype, axis, soft, gen):
+    w = (torch.randn(6, 40, 9, generator=gen) * 0.3).to(dtype)
+    v = (torch.randn(6, 40, 9, generator=gen) * 2).to(dtype)
+    v.view(-1)[0] = float("nan")
+    c = 1 if axis is None else w.shape[axis]
+    s = (torch.rand(c, generator=gen) * 0.05 + 0.01).to(dtype)
+    z = torch.randint(0, 4, (c,), generator=gen).to(dtype)
+    g = torch.randn(w.shape, generator=gen).to(dtype)
+
+    def run(dev):
+        wr = w.to(dev).requires_grad_()
+        vr = v.to(dev).requires_grad_()
+        y = ops.adaround_fake_quant(wr, s.to(dev), z.to(dev), vr, -8, 7, axis, soft)
+        y.backward(g.to(dev))
+        reg = ops.adaround_reg(v.to(dev).requires_grad_(), 2.0)
+        return y.detach().cpu(), wr.grad.cpu(), vr.grad.cpu(), reg.detach().cpu()
+
+    cpu, dev, again = run("cpu"), run("cuda"), run("cuda")
+    for a, b in zip(dev, again):
+        _same(a, b)
+    if soft:
+        for a, b in zip(dev[:3], cpu[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+    else:
+        for a, b in zip(dev[:3], cpu[:3]):
+            _same(a, b)
+    torch.testing.assert_close(dev[3], cpu[3], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(2, 1), (63, 33), (65, 1000), (130, 70000)])
+def test_centered_gram_matches_reference(dtype, n, d, gen):
+    x = (torch.relu(torch.randn(n, d, generator=gen)) * 3 + 5).to(dtype)
+    ref = x.double() - x.double().mean(0)
+    ref = ref @ ref.T
+    dev = ops.centered_gram(x.cuda())
+    again = ops.centered_gram(x.cuda())
+    _same(dev, again)
+    assert torch.equal(dev, dev.T)
+    torch.testing.assert_close(dev.double().cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+    torch.testing.assert_close(dev.cpu(), ops.centered_gram(x), rtol=1e-4, atol=1e-4 * ref.abs().max())
+
+
+def test_centered_gram_large_d_accuracy(gen):
+    """N = 64, D = 200 000, post-ReLU-like with a large mean: 1e-5 relative vs fp64."""
+    x = torch.relu(torch.randn(64, 200_000, generator=gen)) * 3 + 5
+    xd = x.double() - x.double().mean(0)
+    ref = xd @ xd.T
+    dev = ops.centered_gram(x.cuda()).double().cpu()
+    assert float((dev - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_opcheck_cuda(gen):
+    x = torch.randn(3, 4, 5, generator=gen).cuda()
+    s = (torch.rand(4, generator=gen) + 0.1).cuda().requires_grad_()
+    z = torch.zeros(4).cuda().requires_grad_()
+    xr = x.clone().requires_grad_()
+    g = torch.randn(3, 4, 5, generator=gen).cuda()
+    w = torch.randn(4, 5, generator=gen).cuda().requires_grad_()
+    v = torch.randn(4, 5, generator=gen).cuda().requires_grad_()
+    sw, zw = torch.full((4,), 0.1).cuda(), torch.zeros(4).cuda()
+    checks = [
+        (OPS.fake_quant.default, (xr, s.detach(), z.detach(), -8, 7, 1)),
+        (OPS.fake_quant_backward.default, (g, x, s.detach(), z.detach(), -8, 7, 1)),
+        (OPS.lsq_fake_quant.default, (xr, s, z, -8, 7, 1, 0.5)),
+        (OPS.lsq_fake_quant_backward.default, (g, x, s.detach(), z.detach(), -8, 7, 1, 0.5)),
+        (OPS.adaround_fake_quant.default, (w, sw, zw, v, -8, 7, 0, True)),
+        (OPS.adaround_reg.default, (v, 2.0)),
+        (OPS.centered_gram.default, (torch.randn(5, 7, generator=gen).cuda(),)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args)
