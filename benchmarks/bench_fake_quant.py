@@ -6,16 +6,30 @@ cases (A B C … A B C …), and the table quotes the median time of each case i
 ratio to `x.clone()` (the memory-bandwidth yardstick: allocating and writing the output dominates)
 and the speed-up of the ompq op over the matching torch op.
 
+Page faults: every op allocates its output, and whether those pages are freshly mapped (the
+kernel zero-fills each 4 KiB page on first touch, ~1 µs a page in a VM) or reused from the heap
+depends on glibc malloc's state, which the cases before it leave behind. Left alone this makes
+the clone yardstick bimodal. The script therefore runs each tensor twice, each in its own process
+with glibc's malloc pinned (mallopt): `fresh` (outputs of 128 KiB or more always freshly mapped:
+every case pays its page faults, as a first call or a 51 MB tensor does) and `reused` (no mmap,
+no trimming: pages are reused, as in a steady training loop with a caching allocator). `--pages
+default` leaves malloc alone.
+
 Run:  python benchmarks/bench_fake_quant.py [--rounds 21] [--json benchmarks/results/fake_quant.json]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -167,19 +181,32 @@ def targets(rows: list[dict], per_channel: bool) -> dict[str, bool]:
     return t
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=21, help="interleaved rounds (>= 7)")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
-                                                   "fake_quant.json"))
-    args = ap.parse_args(argv)
+PAGE_MODES = ("fresh", "reused")
+
+
+def pin_malloc(mode: str) -> None:
+    """Pin glibc malloc's handling of large blocks for this process (see the module docstring)."""
+    if mode == "default":
+        return
+    path = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(path) if path else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        raise SystemExit("bench_fake_quant: --pages fresh/reused needs glibc's mallopt; "
+                         "use --pages default")
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    if mode == "fresh":
+        ok = libc.mallopt(m_mmap_threshold, 128 * 1024)
+    else:
+        ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)
+    if not ok:
+        raise SystemExit(f"bench_fake_quant: mallopt refused --pages {mode}")
+
+
+def run_tables(args: argparse.Namespace) -> dict:
+    """Both tensors' tables in this process (malloc already pinned)."""
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    result = {"format": "ompq.Benchmark", "version": 1, "benchmark": "fake_quant",
-              "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
-              "compiled_extension": ops.has_op("fake_quant"),
-              "cpu": platform.processor() or platform.machine(), "tensors": {}}
+    out: dict = {}
     for title, build, pc in [
         ("weights 512x512x3x3, per-channel axis 0, 4 bits", weight_cases, True),
         ("activations 64x64x56x56, per-tensor, 8 bits", activation_cases, False),
@@ -187,12 +214,41 @@ def main(argv: list[str] | None = None) -> int:
         cases, pairs = build(gen)
         times, faults = interleaved(cases, args.rounds)
         rows = summarise(times, pairs, faults)
-        print_table(title, rows)
+        print_table(f"{title} (pages: {args.pages})", rows)
         tg = targets(rows, pc)
         for k, v in tg.items():
             print(f"  target {k}: {'met' if v else 'MISSED'}")
-        result["tensors"][title] = {"rows": rows, "targets": tg}
+        out[title] = {"rows": rows, "targets": tg}
         del cases
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved rounds (>= 7)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--pages", choices=("both", "default") + PAGE_MODES, default="both",
+                    help="malloc mode: both (fresh and reused, one process each; default), "
+                         "fresh, reused or default (malloc left alone)")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
+                                                   "fake_quant.json"))
+    args = ap.parse_args(argv)
+    result = {"format": "ompq.Benchmark", "version": 2, "benchmark": "fake_quant",
+              "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+              "compiled_extension": ops.has_op("fake_quant"),
+              "cpu": platform.processor() or platform.machine(), "pages": {}}
+    if args.pages == "both":
+        for mode in PAGE_MODES:  # one process per mode: mallopt settings are process-wide
+            with tempfile.TemporaryDirectory() as tmp:
+                part = os.path.join(tmp, "part.json")
+                cmd = [sys.executable, os.path.abspath(__file__), "--pages", mode, "--rounds",
+                       str(args.rounds), "--threads", str(args.threads), "--json", part]
+                subprocess.run(cmd, check=True)
+                with open(part) as f:
+                    result["pages"][mode] = json.load(f)["pages"][mode]
+    else:
+        pin_malloc(args.pages)
+        result["pages"][args.pages] = run_tables(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
