@@ -43,13 +43,28 @@ def _layer_name(names: Optional[Sequence[str]], i: int) -> str:
     return repr(names[i]) if names is not None and i < len(names) else f"#{i}"
 
 
+def flatten_samples(x: Tensor) -> Tensor:
+    """x (N×…) as N×D, without a copy when x is channels_last (NCHW or NCDHW).
+
+    The columns then come in (H, W, C) rather than (C, H, W) order; centred Grams, and so the
+    ORM, do not depend on the order of the columns.
+    """
+    n = x.shape[0]
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(n, -1)
+    if x.dim() == 5 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x.permute(0, 2, 3, 4, 1).reshape(n, -1)
+    return x.reshape(n, -1)
+
+
 def feature_gram(x: Tensor) -> Tensor:
     """Centred N×N Gram of one feature (N×…, flattened per sample).
 
     float64 features are centred and multiplied in float64 (exact reference path); other dtypes
     go through the compiled `ompq.ops.centered_gram` (fp32 result, fp32 accumulation).
     """
-    flat = x.reshape(x.shape[0], -1)
+    flat = flatten_samples(x)
     if flat.dtype == torch.float64:
         xc = flat - flat.mean(dim=0, keepdim=True)
         return xc @ xc.T

@@ -148,3 +148,17 @@ def test_orm_from_grams_errors():
     g[1, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="layer 'y' has a non-finite feature"):
         orm_from_grams(g, names=["x", "y"])
+
+
+@pytest.mark.parametrize("shape, fmt", [((6, 5, 4, 3), torch.channels_last),
+                                        ((6, 5, 4, 3, 2), torch.channels_last_3d)])
+def test_flatten_samples_is_a_view_for_channels_last(shape, fmt):
+    from ompq.orm import feature_gram, flatten_samples
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).relu() + 1.0
+    xc = x.contiguous(memory_format=fmt)
+    flat = flatten_samples(xc)
+    assert flat.shape == (shape[0], x[0].numel())
+    assert flat.data_ptr() == xc.data_ptr()  # no copy
+    torch.testing.assert_close(feature_gram(xc), feature_gram(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feature_gram(xc.double()), feature_gram(x.double()), rtol=1e-12,
+                               atol=1e-12)

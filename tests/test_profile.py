@@ -222,6 +222,7 @@ def test_profile_non_finite_feature_names_the_layer(gen):
     ({"num_samples": 41}, "40 samples along dim 0, fewer than num_samples = 41"),
     ({"num_samples": 8.0}, "must be an int"),
     ({"feature": "pre"}, "feature must be one of"),
+    ({"memory_format": "nhwc"}, "memory_format must be one of"),
     ({"include": "nothing*"}, "matches no layer"),
 ])
 def test_profile_bad_arguments(gen, kwargs, match):
@@ -265,3 +266,42 @@ def test_profile_json_roundtrip(gen, tmp_path):
         Profile.from_json(json.dumps({**data, "format": "ompq.BitConfig"}))
     with pytest.raises(FileNotFoundError, match="no such ompq.Profile JSON file"):
         Profile.from_json(str(tmp_path / "missing.json"))
+
+
+class _ViewNet(nn.Module):
+    """A conv net whose forward `.view`s a spatial activation: fails on channels_last input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_profile_memory_format_does_not_change_the_orm(gen):
+    torch.manual_seed(0)
+    net, x = Net(), _data(gen)
+    fast = profile(net, x, num_samples=16, seed=3, progress=False)  # auto: channels_last input
+    plain = profile(net, x, num_samples=16, seed=3, progress=False, memory_format="preserve")
+    cl = profile(net, x, num_samples=16, seed=3, progress=False, memory_format="channels_last")
+    assert fast.names == plain.names
+    torch.testing.assert_close(fast.orm, plain.orm, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast.orm, cl.orm)
+    assert all(p.is_contiguous() for p in net.parameters())  # the model is not converted
+
+
+def test_profile_memory_format_falls_back_when_the_forward_needs_contiguous(gen):
+    torch.manual_seed(0)
+    net, x = _ViewNet(), _data(gen)
+    plain = profile(net, x, num_samples=8, progress=False, memory_format="preserve")
+    with pytest.warns(RuntimeWarning, match="failed on a channels_last input"):
+        auto = profile(net, x, num_samples=8, progress=False)
+    assert torch.equal(auto.orm, plain.orm)
+    with pytest.raises(RuntimeError, match="view"):
+        profile(net, x, num_samples=8, progress=False, memory_format="channels_last")
+    with pytest.raises(ValueError, match="needs a 4-D"):
+        profile(nn.Sequential(nn.Linear(4, 4)), torch.randn(8, 4), num_samples=8,
+                progress=False, memory_format="channels_last")

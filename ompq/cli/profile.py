@@ -25,6 +25,10 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: after a directly following BN/activation; output: raw output")
     parser.add_argument("--debiased", action="store_true", help="unbiased HSIC (U-statistic)")
     parser.add_argument("--device", default=None, help="device for the forward (default: model's)")
+    parser.add_argument("--memory-format", choices=("auto", "channels_last", "preserve"),
+                        default="auto", help="layout of the input in the forward: auto "
+                        "(channels_last for 4-D inputs of conv nets; faster, same ORM), "
+                        "channels_last or preserve")
     add_progress_arg(parser)
 
 
@@ -50,7 +54,7 @@ def compute_profile(args: argparse.Namespace, model=None, desc=None, data=None):
     return profile(model, data, num_samples=args.num_samples, seed=args.seed,
                    include=args.include, exclude=args.exclude, feature=args.feature,
                    debiased=args.debiased, device=args.device, progress=args.progress,
-                   description=desc)
+                   description=desc, memory_format=getattr(args, "memory_format", "auto"))
 
 
 def print_profile(prof) -> None:
