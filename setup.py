@@ -25,7 +25,9 @@ def _extension():
     )
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # -ffp-contract=off: no FMA contraction, so kernels round exactly like torch's elementwise ops.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    # No -std: torch's BuildExtension adds the C++ standard its headers need (C++17 up to torch
+    # 2.11, C++20 from 2.12); the sources build under both.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if os.environ.get("OMPQ_PORTABLE", "0") != "1":
         cxx.append("-march=native")
     extra = {"cxx": cxx}
@@ -34,7 +36,7 @@ def _extension():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_glue.cpp")
         # No --use_fast_math: it flushes denormals (scales down to ~3e-39 are valid) and changes
         # floor(w / s); the kernels use round-to-nearest intrinsics, so nothing is contracted.
-        extra["nvcc"] = ["-O3", "-std=c++17"]
+        extra["nvcc"] = ["-O3"]
         define_macros.append(("OMPQ_WITH_CUDA", "1"))
         return CUDAExtension("ompq._C", sources, extra_compile_args=extra,
                              define_macros=define_macros, py_limited_api=True,

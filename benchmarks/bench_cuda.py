@@ -96,7 +96,8 @@ def fake_quant_cases(x: torch.Tensor, axis: int | None, qmin: int, qmax: int
     zi = z.to(torch.int32)
     nb = x.numel() * x.element_size()
     if axis is None:
-        t_fwd = lambda a: torch.fake_quantize_per_tensor_affine(a, float(s), 0, qmin, qmax)  # noqa: E731
+        sf = float(s)  # outside the timed call: float() of a CUDA tensor syncs
+        t_fwd = lambda a: torch.fake_quantize_per_tensor_affine(a, sf, 0, qmin, qmax)  # noqa: E731
         t_lsq = lambda a, b, c: torch._fake_quantize_learnable_per_tensor_affine(  # noqa: E731
             a, b, c, qmin, qmax, 1.0)
     else:
