@@ -22,11 +22,16 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True)
 
 
+def _leaf(t: torch.Tensor, dev=None) -> torch.Tensor:
+    """A fresh leaf copy of t (on dev) that requires grad: never aliases or mutates t."""
+    t = t.detach()
+    t = t.clone() if dev is None or t.device == torch.device(dev) else t.to(dev)
+    return t.requires_grad_()
+
+
 def _run(fn, x, s, z, g):
     """Forward and backward of fn; returns (y, grad_x, grad_scale, grad_zero_point)."""
-    x = x.detach().clone().requires_grad_()
-    s = s.detach().clone().requires_grad_()
-    z = z.detach().clone().requires_grad_()
+    x, s, z = _leaf(x), _leaf(s), _leaf(z)
     y = fn(x, s, z)
     y.backward(g)
     return y.detach(), x.grad, s.grad, z.grad
@@ -62,6 +67,8 @@ def _compare_fq(x, s, z, g, axis, sum_tol=1e-5):
         if lsq:
             for a, b in ((dev[2], cpu[2]), (dev[3], cpu[3])):
                 assert a.dtype == b.dtype and a.shape == b.shape
+                # NaN/Inf x contribute finite terms: a NaN sum would make the check vacuous.
+                assert bool(torch.isfinite(b).all()), "CPU reference sum is not finite"
                 torch.testing.assert_close(a.cpu(), b, rtol=sum_tol, atol=sum_tol * 10,
                                            equal_nan=True)
 
@@ -111,6 +118,10 @@ def test_params_dtypes_and_aliasing(gen):
     s, z = torch.rand(6, dtype=torch.float64) + 0.1, torch.zeros(6, dtype=torch.float64)
     _, gs, gz = OPS.lsq_fake_quant_backward(g.cuda(), x.cuda(), s.cuda(), z.cuda(), 0, 15, 1, 1.0)
     assert gs.dtype == torch.float64 and gz.dtype == torch.float64
+    _, cgs, cgz = OPS.lsq_fake_quant_backward(g, x, s, z, 0, 15, 1, 1.0)
+    assert bool(torch.isfinite(cgs).all() and torch.isfinite(cgz).all())
+    torch.testing.assert_close(gs.cpu(), cgs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gz.cpu(), cgz, rtol=1e-12, atol=1e-12)
     assert gs.untyped_storage().data_ptr() != gz.untyped_storage().data_ptr()
     zi = torch.zeros(6, dtype=torch.int32)
     cpu = OPS.lsq_fake_quant_backward(g, x, s, zi, 0, 15, 1, 1.0)
@@ -161,6 +172,44 @@ def test_mismatched_devices():
                                          True)
     with pytest.raises(ValueError, match="v is on cuda"):
         OPS.adaround_fake_quant(w.cpu(), s, z, v.cuda(), 0, 15, None, True)
+    with pytest.raises(ValueError, match="grad is on cuda:0 but w is on cpu"):
+        OPS.adaround_fake_quant_backward(w, w.cpu(), s, z, v, 0, 15, None, True)
+    with pytest.raises(ValueError, match="grad is on cuda:0 but v is on cpu"):
+        OPS.adaround_reg_backward(torch.ones((), device="cuda"), v, 2.0)
+    with pytest.raises(ValueError, match="grad is on cpu but v is on cuda:0"):
+        OPS.adaround_reg_backward(torch.ones(()), v.cuda(), 2.0)
+    with pytest.raises(RuntimeError, match="grad is on cuda:0 but x is on cpu"):
+        OPS.fake_quant_backward(x, x.cpu(), s, z, 0, 15)
+    with pytest.raises(RuntimeError, match="grad is on cuda:0 but x is on cpu"):
+        OPS.lsq_fake_quant_backward(x, x.cpu(), s, z, 0, 15)
+
+
+def test_backward_ops_do_not_sync_and_forward_is_capturable(gen):
+    """The backward ops skip the device value check (no sync) and the forward skips it while a
+    CUDA graph is being captured: forward + backward capture and replay to the eager results."""
+    x, s, z, g = (t.cuda() for t in _data((4, 8, 300), 1, torch.float32, gen, special=False))
+    eager = (OPS.fake_quant(x, s, z, 0, 15, 1), OPS.fake_quant_backward(g, x, s, z, 0, 15, 1),
+             OPS.lsq_fake_quant(x, s, z, 0, 15, 1, 0.5),
+             *OPS.lsq_fake_quant_backward(g, x, s, z, 0, 15, 1, 0.5))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch recommends
+        OPS.fake_quant(x, s, z, 0, 15, 1)
+        OPS.lsq_fake_quant_backward(g, x, s, z, 0, 15, 1, 0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = (OPS.fake_quant(x, s, z, 0, 15, 1), OPS.fake_quant_backward(g, x, s, z, 0, 15, 1),
+               OPS.lsq_fake_quant(x, s, z, 0, 15, 1, 0.5),
+               *OPS.lsq_fake_quant_backward(g, x, s, z, 0, 15, 1, 0.5))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(out, eager):
+        _same(a, b)
+    # The forward still validates eagerly; the backward ops trust their (forward-checked) inputs.
+    with pytest.raises(RuntimeError, match="scale"):
+        OPS.fake_quant(x, -s, z, 0, 15, 1)
+    OPS.fake_quant_backward(g, x, -s, z, 0, 15, 1)  # undefined values, but no error and no sync
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -169,21 +218,25 @@ def test_mismatched_devices():
 def test_adaround_matches_cpu(dtype, axis, soft, gen):
     w = (torch.randn(6, 40, 9, generator=gen) * 0.3).to(dtype)
     v = (torch.randn(6, 40, 9, generator=gen) * 2).to(dtype)
-    v.view(-1)[0] = float("nan")
+    v_nan = v.clone()
+    v_nan.view(-1)[0] = float("nan")  # documented NaN propagation through the quantizer
     c = 1 if axis is None else w.shape[axis]
     s = (torch.rand(c, generator=gen) * 0.05 + 0.01).to(dtype)
     z = torch.randint(0, 4, (c,), generator=gen).to(dtype)
     g = torch.randn(w.shape, generator=gen).to(dtype)
 
     def run(dev):
-        wr = w.to(dev).requires_grad_()
-        vr = v.to(dev).requires_grad_()
+        wr, vr = _leaf(w, dev), _leaf(v_nan, dev)
         y = ops.adaround_fake_quant(wr, s.to(dev), z.to(dev), vr, -8, 7, axis, soft)
         y.backward(g.to(dev))
-        reg = ops.adaround_reg(v.to(dev).requires_grad_(), 2.0)
-        return y.detach().cpu(), wr.grad.cpu(), vr.grad.cpu(), reg.detach().cpu()
+        vreg = _leaf(v, dev)  # finite v: the regulariser and its gradient are compared for real
+        reg = ops.adaround_reg(vreg, 2.0)
+        reg.backward()
+        return (y.detach().cpu(), wr.grad.cpu(), vr.grad.cpu(), reg.detach().cpu(),
+                vreg.grad.cpu())
 
     cpu, dev, again = run("cpu"), run("cuda"), run("cuda")
+    assert w.grad is None and v.grad is None and not w.requires_grad  # inputs untouched
     for a, b in zip(dev, again):
         _same(a, b)
     if soft:
@@ -192,7 +245,10 @@ def test_adaround_matches_cpu(dtype, axis, soft, gen):
     else:
         for a, b in zip(dev[:3], cpu[:3]):
             _same(a, b)
-    torch.testing.assert_close(dev[3], cpu[3], rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert bool(torch.isfinite(cpu[3])) and bool(torch.isfinite(cpu[4]).all())
+    assert dev[3].dtype == cpu[3].dtype == dtype and dev[3].shape == cpu[3].shape == ()
+    torch.testing.assert_close(dev[3], cpu[3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dev[4], cpu[4], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -19,6 +19,14 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// The tensor the device guard is built from must be a CUDA tensor. Called after the shared
+// checks (which put scale / zero point / v / grad on w's device), before any guard: a CPU w or v
+// with a CUDA grad reaches the CUDA kernel and gets a readable message instead of the guard's.
+void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " is on ", t.device(),
+                    " but the other tensors are on a CUDA device; put all of them on one device");
+}
+
 cuda::QuantLayout quant_layout(const at::Tensor& w, const AdaLayout& lay, int64_t qmin,
                                int64_t qmax) {
   return cuda::QuantLayout{w.numel(), lay.channels, lay.inner, qmin, qmax};
@@ -30,6 +38,7 @@ at::Tensor adaround_fake_quant_cuda(const at::Tensor& w, const at::Tensor& scale
                                     bool soft) {
   const AdaLayout lay =
       adaround_check_args("adaround_fake_quant", w, scale, zero_point, v, qmin, qmax, axis);
+  check_cuda("adaround_fake_quant", "w", w);
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor wc = w.contiguous(), vc = v.contiguous();
   const at::Tensor s = scale.to(w.scalar_type()).contiguous();
@@ -54,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_fake_quant_backward_cuda(
   const AdaLayout lay = adaround_check_args("adaround_fake_quant_backward", w, scale, zero_point,
                                             v, qmin, qmax, axis);
   adaround_check_grad("adaround_fake_quant_backward", grad, w);
+  check_cuda("adaround_fake_quant_backward", "w", w);
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor gc = grad.to(w.scalar_type()).contiguous();
   const at::Tensor wc = w.contiguous(), vc = v.contiguous();
@@ -76,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_fake_quant_backward_cuda(
 
 at::Tensor adaround_reg_cuda(const at::Tensor& v, double beta) {
   adaround_check_reg_args("adaround_reg", v, beta);
+  check_cuda("adaround_reg", "v", v);
   const c10::cuda::CUDAGuard guard(v.device());
   const at::Tensor vc = v.contiguous();
   at::Tensor out = at::empty({}, v.options());
@@ -95,6 +106,9 @@ at::Tensor adaround_reg_backward_cuda(const at::Tensor& grad, const at::Tensor& 
   adaround_check_reg_args("adaround_reg_backward", v, beta);
   TORCH_CHECK_VALUE(grad.numel() == 1, "adaround_reg_backward: grad must be a scalar, got shape ",
                     grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == v.device(), "adaround_reg_backward: grad is on ",
+                    grad.device(), " but v is on ", v.device());
+  check_cuda("adaround_reg_backward", "v", v);
   const c10::cuda::CUDAGuard guard(v.device());
   const at::Tensor vc = v.contiguous();
   const at::Tensor gc = grad.to(v.options()).reshape({1}).contiguous();

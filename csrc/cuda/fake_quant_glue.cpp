@@ -1,12 +1,21 @@
 // Torch glue for the CUDA fake-quant kernels (built only with a CUDA torch).
 //
 // Argument checks are the CPU's own (csrc/cpu/fake_quant_checks.h): same rules, same messages.
+// Host-side checks (shapes, dtypes, devices, qmin < qmax, grad_factor) run on every call.
 // The value checks of scale / zero_point (positive, finite, invertible in float32, zero point in
-// range) run on the device as one fused boolean reduction read back with a single sync; on
-// failure scale and zero_point are copied to the CPU and the CPU's read_params raises the
-// identical message. x, grad and the outputs keep their dtype (no conversion kernels): the
-// kernels load float32/float64/float16/bfloat16 natively.
+// range) run in the forward ops only (fake_quant, lsq_fake_quant), on the device, as one fused
+// boolean reduction read back with a single sync; on failure scale and zero_point are copied to
+// the CPU and the CPU's read_params raises the identical message. While the current stream is
+// being captured into a CUDA graph the forward skips that value check (a sync is not allowed
+// during capture); validate the parameters with an eager call first.
+// The backward ops (fake_quant_backward, lsq_fake_quant_backward) never sync: they are called by
+// the autograd formulas with the scale / zero point that the forward validated. Calling them
+// directly with invalid values (non-positive, non-finite or non-invertible scale, out-of-range
+// zero point) is undefined: the results are meaningless, but nothing is read out of bounds.
+// x, grad and the outputs keep their dtype (no conversion kernels): the kernels load
+// float32/float64/float16/bfloat16 natively.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -52,11 +61,28 @@ struct DevParams {
   Tensor scale, zp;  // float32, raw (the kernels invert the scale and round the LSQ zero point)
 };
 
-// Validates scale / zero point on the device with one sync; raises the CPU's message on failure.
+// The x of a CUDA entry point must be a CUDA tensor (the device guard is built from it). The
+// shared checks already put scale / zero point / grad on x's device; this catches the rest
+// (e.g. every tensor on the CPU but a CUDA grad) with a readable message.
+void check_cuda_x(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "ompq.", op, ": x is on ", x.device(),
+              " but the other tensors are on a CUDA device; put all of them on one device");
+}
+
+// scale / zero point as float32 on x's device, without any value check (backward ops).
+DevParams raw_params(const Tensor& scale, const Tensor& zero_point) {
+  return DevParams{as_f32(scale), as_f32(zero_point)};
+}
+
+// Forward ops: validates scale / zero point on the device with one sync and raises the CPU's
+// message on failure. Skipped while the current stream is capturing a CUDA graph.
 DevParams device_params(const char* op, const Tensor& scale, const Tensor& zero_point,
                         int64_t qmin, int64_t qmax, bool round_zp, int64_t channels) {
-  DevParams p{as_f32(scale), as_f32(zero_point)};
+  DevParams p = raw_params(scale, zero_point);
   if (channels == 0) return p;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return p;  // no sync allowed while capturing
+  }
   Tensor bad = at::empty({1}, p.scale.options().dtype(at::kInt));
   check(cuda::fq_check_params(p.scale.const_data_ptr<float>(), p.zp.const_data_ptr<float>(),
                               channels, static_cast<float>(qmin), static_cast<float>(qmax),
@@ -73,6 +99,7 @@ Tensor forward_cuda(const char* op, const Tensor& x_, const Tensor& scale,
                     const Tensor& zero_point, int64_t qmin, int64_t qmax,
                     c10::optional<int64_t> axis, bool round_zp) {
   const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  check_cuda_x(op, x_);
   c10::cuda::CUDAGuard guard(x_.device());
   const DevParams p = device_params(op, scale, zero_point, qmin, qmax, round_zp, l.channels);
   const Tensor x = x_.contiguous();
@@ -102,8 +129,9 @@ Tensor fake_quant_backward_cuda(const Tensor& grad_, const Tensor& x_, const Ten
   const char* op = "fake_quant_backward";
   const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
   fq_checks::check_grad(op, grad_, x_);
+  check_cuda_x(op, x_);
   c10::cuda::CUDAGuard guard(x_.device());
-  const DevParams p = device_params(op, scale, zero_point, qmin, qmax, false, l.channels);
+  const DevParams p = raw_params(scale, zero_point);  // validated by the forward (see top)
   const Tensor x = x_.contiguous();
   const Tensor g = grad_.contiguous();
   Tensor gx = at::empty_like(x);
@@ -123,8 +151,9 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cuda(
   fq_checks::check_grad(op, grad_, x_);
   TORCH_CHECK(std::isfinite(grad_factor), "ompq.", op, ": grad_factor must be finite, got ",
               grad_factor);
+  check_cuda_x(op, x_);
   c10::cuda::CUDAGuard guard(x_.device());
-  const DevParams p = device_params(op, scale, zero_point, qmin, qmax, true, l.channels);
+  const DevParams p = raw_params(scale, zero_point);  // validated by the forward (see top)
   const Tensor x = x_.contiguous();
   const Tensor g = grad_.contiguous();
   Tensor gx = at::empty_like(x);

@@ -13,6 +13,8 @@ namespace {
 
 at::Tensor centered_gram_cuda(const at::Tensor& x_in) {
   const at::Tensor x = gram_prepare_input(x_in);
+  TORCH_CHECK_VALUE(x.is_cuda(), "centered_gram: x is on ", x.device(),
+                    " but the CUDA kernel was called; expected a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), d = x.size(1);
   if (d == 0) return at::zeros({n, n}, x.options().dtype(at::kFloat));
