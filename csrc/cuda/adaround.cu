@@ -30,28 +30,40 @@ struct AdaCoef {
 };
 
 // y = (clamp(floor(w/s) + h(v) + z, qmin, qmax) - z) * s per element (kernel_math.h).
+// Inputs are read through __ldg (rows::ldg / rows::load_pack); see rows::for_each_element.
 template <typename T>
 struct FwdVisitor {
   using Coef = AdaCoef<T>;
-  const T* __restrict__ w;
-  const T* __restrict__ v;
-  const T* __restrict__ scale;
-  const T* __restrict__ zp;
-  T* __restrict__ out;
+  struct In {
+    T w, v;
+  };
+  struct InVec {
+    Pack<T> w, v;
+  };
+  const T* w;
+  const T* v;
+  const T* scale;
+  const T* zp;
+  T* out;
   T lo, hi;
   bool soft;
-  __device__ __forceinline__ Coef coef(int64_t c) const { return Coef{scale[c], zp[c]}; }
-  __device__ __forceinline__ void elem(const Coef& k, int64_t i) const {
-    out[i] = kmath::ada_forward<T>(w[i], v[i], k.s, k.z, lo, hi, soft);
+  __device__ __forceinline__ Coef coef(int64_t c) const {
+    return Coef{rows::ldg(scale + c), rows::ldg(zp + c)};
   }
-  __device__ __forceinline__ void elem_vec(const Coef& k, int64_t j) const {
-    const Pack<T> a = rows::load_pack(w, j), b = rows::load_pack(v, j);
+  __device__ __forceinline__ In load(int64_t i) const { return In{rows::ldg(w + i), rows::ldg(v + i)}; }
+  __device__ __forceinline__ void put(const Coef& k, const In& a, int64_t i) const {
+    out[i] = kmath::ada_forward<T>(a.w, a.v, k.s, k.z, lo, hi, soft);
+  }
+  __device__ __forceinline__ InVec load_vec(int64_t i) const {
+    return InVec{rows::load_pack(w, i), rows::load_pack(v, i)};
+  }
+  __device__ __forceinline__ void put_vec(const Coef& k, const InVec& a, int64_t i) const {
     Pack<T> o;
 #pragma unroll
     for (int u = 0; u < Pack<T>::N; ++u) {
-      o.v[u] = kmath::ada_forward<T>(a.v[u], b.v[u], k.s, k.z, lo, hi, soft);
+      o.v[u] = kmath::ada_forward<T>(a.w.v[u], a.v.v[u], k.s, k.z, lo, hi, soft);
     }
-    rows::store_pack(out, j, o);
+    rows::store_pack(out, i, o);
   }
 };
 
@@ -59,55 +71,60 @@ struct FwdVisitor {
 template <typename T>
 struct BwdVisitor {
   using Coef = AdaCoef<T>;
-  const T* __restrict__ grad;
-  const T* __restrict__ w;
-  const T* __restrict__ v;
-  const T* __restrict__ scale;
-  const T* __restrict__ zp;
-  T* __restrict__ gw;
-  T* __restrict__ gv;
+  struct In {
+    T g, w, v;
+  };
+  struct InVec {
+    Pack<T> g, w, v;
+  };
+  const T* grad;
+  const T* w;
+  const T* v;
+  const T* scale;
+  const T* zp;
+  T* gw;
+  T* gv;
   T lo, hi;
   bool soft;
-  __device__ __forceinline__ Coef coef(int64_t c) const { return Coef{scale[c], zp[c]}; }
-  __device__ __forceinline__ void elem(const Coef& k, int64_t i) const {
-    kmath::ada_backward<T>(grad[i], w[i], v[i], k.s, k.z, lo, hi, soft, gw + i, gv + i);
+  __device__ __forceinline__ Coef coef(int64_t c) const {
+    return Coef{rows::ldg(scale + c), rows::ldg(zp + c)};
   }
-  __device__ __forceinline__ void elem_vec(const Coef& k, int64_t j) const {
-    const Pack<T> g = rows::load_pack(grad, j), a = rows::load_pack(w, j),
-                  b = rows::load_pack(v, j);
+  __device__ __forceinline__ In load(int64_t i) const {
+    return In{rows::ldg(grad + i), rows::ldg(w + i), rows::ldg(v + i)};
+  }
+  __device__ __forceinline__ void put(const Coef& k, const In& a, int64_t i) const {
+    kmath::ada_backward<T>(a.g, a.w, a.v, k.s, k.z, lo, hi, soft, gw + i, gv + i);
+  }
+  __device__ __forceinline__ InVec load_vec(int64_t i) const {
+    return InVec{rows::load_pack(grad, i), rows::load_pack(w, i), rows::load_pack(v, i)};
+  }
+  __device__ __forceinline__ void put_vec(const Coef& k, const InVec& a, int64_t i) const {
     Pack<T> ow, ov;
 #pragma unroll
     for (int u = 0; u < Pack<T>::N; ++u) {
-      kmath::ada_backward<T>(g.v[u], a.v[u], b.v[u], k.s, k.z, lo, hi, soft, &ow.v[u], &ov.v[u]);
+      kmath::ada_backward<T>(a.g.v[u], a.w.v[u], a.v.v[u], k.s, k.z, lo, hi, soft, &ow.v[u],
+                             &ov.v[u]);
     }
-    rows::store_pack(gw, j, ow);
-    rows::store_pack(gv, j, ov);
+    rows::store_pack(gw, i, ow);
+    rows::store_pack(gv, i, ov);
   }
 };
 
 template <typename T>
 __global__ void __launch_bounds__(plan::kBlock) forward_kernel(FwdVisitor<T> vis,
-                                                               plan::RowPlan p, bool vec) {
-  rows::for_each_element<T>(p, vec, vis);
+                                                               plan::RowPlan p, int shift) {
+  rows::for_each_element<T>(p, shift, vis);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(plan::kBlock) backward_kernel(BwdVisitor<T> vis,
-                                                                plan::RowPlan p, bool vec) {
-  rows::for_each_element<T>(p, vec, vis);
+                                                                plan::RowPlan p, int shift) {
+  rows::for_each_element<T>(p, shift, vis);
 }
 
 plan::RowPlan plan_of(const QuantLayout& lay) {
   const int64_t per = lay.channels * lay.inner;
   return plan::make_row_plan(per > 0 ? lay.numel / per : 0, lay.channels, lay.inner);
-}
-
-template <typename T>
-bool vec_ok(const plan::RowPlan& p, std::initializer_list<const void*> ptrs) {
-  if (!p.long_rows || p.inner % Pack<T>::N != 0) return false;
-  for (const void* q : ptrs)
-    if (!rows::aligned16(q)) return false;
-  return true;
 }
 
 template <typename T>
@@ -117,7 +134,7 @@ __global__ void reg_partial_kernel(const T* __restrict__ v, int64_t numel, T bet
   double s = 0.0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    s += static_cast<double>(kmath::ada_reg<T>(v[i], beta));
+    s += static_cast<double>(kmath::ada_reg<T>(rows::ldg(v + i), beta));
   }
   red[threadIdx.x] = s;
   __syncthreads();
@@ -148,7 +165,7 @@ __global__ void reg_backward_kernel(const T* __restrict__ grad, const T* __restr
   const T gs = kmath::mul(T(-2), grad[0]);  // exact: the CPU's (T)(-2.0 * g)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    gv[i] = kmath::ada_reg_backward<T>(gs, v[i], beta, beta_m1);
+    gv[i] = kmath::ada_reg_backward<T>(gs, rows::ldg(v + i), beta, beta_m1);
   }
 }
 
@@ -159,8 +176,8 @@ cudaError_t forward_impl(const T* w, const T* v, const T* scale, const T* zp, T*
   if (p.numel == 0) return cudaSuccess;
   FwdVisitor<T> vis{w, v, scale, zp, out, static_cast<T>(lay.qmin), static_cast<T>(lay.qmax),
                     soft};
-  forward_kernel<T><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(vis, p,
-                                                                       vec_ok<T>(p, {w, v, out}));
+  forward_kernel<T><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(
+      vis, p, rows::pack_shift<T>({w, v, out}));
   return cudaGetLastError();
 }
 
@@ -172,7 +189,7 @@ cudaError_t backward_impl(const T* grad, const T* w, const T* v, const T* scale,
   BwdVisitor<T> vis{grad, w, v, scale, zp, gw, gv, static_cast<T>(lay.qmin),
                     static_cast<T>(lay.qmax), soft};
   backward_kernel<T><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(
-      vis, p, vec_ok<T>(p, {grad, w, v, gw, gv}));
+      vis, p, rows::pack_shift<T>({grad, w, v, gw, gv}));
   return cudaGetLastError();
 }
 

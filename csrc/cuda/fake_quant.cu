@@ -23,24 +23,32 @@ struct FwdVisitor {
   using S = typename IO::S;
   using T = typename IO::T;
   using Coef = kmath::FqCoef<T>;
-  const S* __restrict__ x;
-  S* __restrict__ y;
-  const float* __restrict__ scale;
-  const float* __restrict__ zp;
+  struct In {
+    S x;
+  };
+  struct InVec {
+    Pack<S> x;
+  };
+  const S* x;
+  S* y;
+  const float* scale;
+  const float* zp;
   float qmin, qmax;
   bool round_zp;
   __device__ __forceinline__ Coef coef(int64_t c) const {
-    return kmath::make_fq_coef<T>(scale[c], zp[c], qmin, qmax, round_zp, 1.0f);
+    return kmath::make_fq_coef<T>(rows::ldg(scale + c), rows::ldg(zp + c), qmin, qmax, round_zp,
+                                  1.0f);
   }
-  __device__ __forceinline__ void elem(const Coef& k, int64_t i) const {
-    y[i] = IO::from(kmath::fq_forward<T>(IO::to(x[i]), k));
+  __device__ __forceinline__ In load(int64_t i) const { return In{rows::ldg(x + i)}; }
+  __device__ __forceinline__ void put(const Coef& k, const In& a, int64_t i) const {
+    y[i] = IO::from(kmath::fq_forward<T>(IO::to(a.x), k));
   }
-  __device__ __forceinline__ void elem_vec(const Coef& k, int64_t j) const {
-    const Pack<S> a = rows::load_pack(x, j);
+  __device__ __forceinline__ InVec load_vec(int64_t i) const { return InVec{rows::load_pack(x, i)}; }
+  __device__ __forceinline__ void put_vec(const Coef& k, const InVec& a, int64_t i) const {
     Pack<S> o;
 #pragma unroll
-    for (int u = 0; u < Pack<S>::N; ++u) o.v[u] = IO::from(kmath::fq_forward<T>(IO::to(a.v[u]), k));
-    rows::store_pack(y, j, o);
+    for (int u = 0; u < Pack<S>::N; ++u) o.v[u] = IO::from(kmath::fq_forward<T>(IO::to(a.x.v[u]), k));
+    rows::store_pack(y, i, o);
   }
 };
 
@@ -49,59 +57,80 @@ struct BwdVisitor {
   using S = typename IO::S;
   using T = typename IO::T;
   using Coef = kmath::FqCoef<T>;
-  const S* __restrict__ g;
-  const S* __restrict__ x;
-  S* __restrict__ gx;
-  const float* __restrict__ scale;
-  const float* __restrict__ zp;
+  struct In {
+    S g, x;
+  };
+  struct InVec {
+    Pack<S> g, x;
+  };
+  const S* g;
+  const S* x;
+  S* gx;
+  const float* scale;
+  const float* zp;
   float qmin, qmax;
   __device__ __forceinline__ Coef coef(int64_t c) const {
-    return kmath::make_fq_coef<T>(scale[c], zp[c], qmin, qmax, false, 1.0f);
+    return kmath::make_fq_coef<T>(rows::ldg(scale + c), rows::ldg(zp + c), qmin, qmax, false,
+                                  1.0f);
   }
-  __device__ __forceinline__ void elem(const Coef& k, int64_t i) const {
-    gx[i] = IO::from(kmath::fq_backward<T>(IO::to(g[i]), IO::to(x[i]), k));
+  __device__ __forceinline__ In load(int64_t i) const {
+    return In{rows::ldg(g + i), rows::ldg(x + i)};
   }
-  __device__ __forceinline__ void elem_vec(const Coef& k, int64_t j) const {
-    const Pack<S> a = rows::load_pack(g, j);
-    const Pack<S> b = rows::load_pack(x, j);
+  __device__ __forceinline__ void put(const Coef& k, const In& a, int64_t i) const {
+    gx[i] = IO::from(kmath::fq_backward<T>(IO::to(a.g), IO::to(a.x), k));
+  }
+  __device__ __forceinline__ InVec load_vec(int64_t i) const {
+    return InVec{rows::load_pack(g, i), rows::load_pack(x, i)};
+  }
+  __device__ __forceinline__ void put_vec(const Coef& k, const InVec& a, int64_t i) const {
     Pack<S> o;
 #pragma unroll
     for (int u = 0; u < Pack<S>::N; ++u) {
-      o.v[u] = IO::from(kmath::fq_backward<T>(IO::to(a.v[u]), IO::to(b.v[u]), k));
+      o.v[u] = IO::from(kmath::fq_backward<T>(IO::to(a.g.v[u]), IO::to(a.x.v[u]), k));
     }
-    rows::store_pack(gx, j, o);
+    rows::store_pack(gx, i, o);
   }
 };
 
 template <typename IO>
 __global__ void __launch_bounds__(plan::kBlock) fq_forward_kernel(FwdVisitor<IO> v, RowPlan p,
-                                                                  bool vec) {
-  rows::for_each_element<typename IO::S>(p, vec, v);
+                                                                  int shift) {
+  rows::for_each_element<typename IO::S>(p, shift, v);
 }
 
 template <typename IO>
 __global__ void __launch_bounds__(plan::kBlock) fq_backward_kernel(BwdVisitor<IO> v, RowPlan p,
-                                                                   bool vec) {
-  rows::for_each_element<typename IO::S>(p, vec, v);
+                                                                   int shift) {
+  rows::for_each_element<typename IO::S>(p, shift, v);
 }
 
 // LSQ backward: gx per element, per-item (long rows) or per-(outer tile, channel) (short rows)
 // partial sums of the scale / zero-point gradient terms, in fp64, written with plain stores.
+// Long rows: lane l owns the N-element chunks q = l, l + 32, ... of its segment (N = elements
+// per 16-byte pack) and adds their terms in order; a chunk is read with one pack load per array
+// when the segment start is aligned (shift >= 0 and (b + shift) % N == 0), else with N scalar
+// loads. The summation order depends only on the shape, never on the pointers' alignment.
+// Short rows: each thread walks its column kUnroll iterations at a time (loads first).
 template <typename IO>
 __global__ void __launch_bounds__(plan::kBlock)
     lsq_backward_kernel(const typename IO::S* __restrict__ g, const typename IO::S* __restrict__ x,
                         typename IO::S* __restrict__ gx, const float* __restrict__ scale,
                         const float* __restrict__ zp, RowPlan p, float qmin, float qmax,
-                        float gf, bool vec, double* __restrict__ part_s,
+                        float gf, int shift, double* __restrict__ part_s,
                         double* __restrict__ part_z) {
   using S = typename IO::S;
   using T = typename IO::T;
-  auto one = [&](T gv, T xv, const kmath::FqCoef<T>& k, double& ds, double& dz) -> S {
+  constexpr int N = Pack<S>::N;
+  constexpr int U = rows::kUnroll / 2 > 0 ? rows::kUnroll / 2 : 1;  // chunks in flight per lane
+  auto one = [&](S gv, S xv, const kmath::FqCoef<T>& k, double& ds, double& dz) -> S {
     T a, b;
-    const T r = kmath::lsq_backward<T>(gv, xv, k, &a, &b);
+    const T r = kmath::lsq_backward<T>(IO::to(gv), IO::to(xv), k, &a, &b);
     ds += static_cast<double>(a);
     dz += static_cast<double>(b);
     return IO::from(r);
+  };
+  auto coef = [&](int64_t c) {
+    return kmath::make_fq_coef<T>(rows::ldg(scale + c), rows::ldg(zp + c), qmin, qmax, true, gf);
   };
   if (p.long_rows) {
     const int lane = threadIdx.x % plan::kWarp;
@@ -111,21 +140,43 @@ __global__ void __launch_bounds__(plan::kBlock)
          item < p.items; item += warps) {
       int64_t c, b, e;
       plan::long_item(p, item, &c, &b, &e);
-      const auto k = kmath::make_fq_coef<T>(scale[c], zp[c], qmin, qmax, true, gf);
+      const auto k = coef(c);
+      const bool vseg = shift >= 0 && ((b + shift) & (N - 1)) == 0;
       double ds = 0.0, dz = 0.0;
-      if (vec) {
-        constexpr int N = Pack<S>::N;
-        for (int64_t j = b / N + lane; j < e / N; j += plan::kWarp) {
-          const Pack<S> ga = rows::load_pack(g, j);
-          const Pack<S> xa = rows::load_pack(x, j);
+      for (int64_t q0 = b + static_cast<int64_t>(lane) * N; q0 < e; q0 += U * plan::kWarp * N) {
+        Pack<S> ga[U], xa[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t q = q0 + static_cast<int64_t>(u) * plan::kWarp * N;
+          if (vseg && q + N <= e) {
+            ga[u] = rows::load_pack(g, q);
+            xa[u] = rows::load_pack(x, q);
+          } else {
+#pragma unroll
+            for (int n = 0; n < N; ++n) {
+              const bool in = q + n < e;
+              ga[u].v[n] = in ? rows::ldg(g + q + n) : S();
+              xa[u].v[n] = in ? rows::ldg(x + q + n) : S();
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t q = q0 + static_cast<int64_t>(u) * plan::kWarp * N;
+          if (q >= e) continue;
           Pack<S> o;
 #pragma unroll
-          for (int u = 0; u < N; ++u) o.v[u] = one(IO::to(ga.v[u]), IO::to(xa.v[u]), k, ds, dz);
-          rows::store_pack(gx, j, o);
-        }
-      } else {
-        for (int64_t i = b + lane; i < e; i += plan::kWarp) {
-          gx[i] = one(IO::to(g[i]), IO::to(x[i]), k, ds, dz);
+          for (int n = 0; n < N; ++n) {
+            if (q + n < e) o.v[n] = one(ga[u].v[n], xa[u].v[n], k, ds, dz);
+          }
+          if (vseg && q + N <= e) {
+            rows::store_pack(gx, q, o);
+          } else {
+#pragma unroll
+            for (int n = 0; n < N; ++n) {
+              if (q + n < e) gx[q + n] = o.v[n];
+            }
+          }
         }
       }
       ds = rows::warp_sum(ds);
@@ -143,11 +194,21 @@ __global__ void __launch_bounds__(plan::kBlock)
     plan::ShortThread st;
     double ds = 0.0, dz = 0.0;
     if (plan::short_thread(p, tile, t, &st)) {
-      const auto k = kmath::make_fq_coef<T>(scale[st.c], zp[st.c], qmin, qmax, true, gf);
-      int64_t i = st.base;
-      for (int64_t it = 0, o = st.o0; it < plan::kIters && o < p.outer;
-           ++it, o += p.rpi, i += st.step) {
-        gx[i] = one(IO::to(g[i]), IO::to(x[i]), k, ds, dz);
+      const auto k = coef(st.c);
+      const int64_t end = st.base + plan::short_iters(p, st) * st.step;
+      for (int64_t i = st.base; i < end; i += rows::kUnroll * st.step) {
+        S ga[rows::kUnroll], xa[rows::kUnroll];
+#pragma unroll
+        for (int u = 0; u < rows::kUnroll; ++u) {
+          const int64_t j = i + u * st.step;
+          ga[u] = j < end ? rows::ldg(g + j) : S();
+          xa[u] = j < end ? rows::ldg(x + j) : S();
+        }
+#pragma unroll
+        for (int u = 0; u < rows::kUnroll; ++u) {
+          const int64_t j = i + u * st.step;
+          if (j < end) gx[j] = one(ga[u], xa[u], k, ds, dz);
+        }
       }
     }
     sh_s[t] = ds;
@@ -173,36 +234,47 @@ __global__ void __launch_bounds__(plan::kBlock)
   }
 }
 
-// One warp per channel: lane l adds the channel's partials m = l, l + 32, ... in order, then a
-// fixed shuffle tree. Writes float32 or float64 outputs.
-__global__ void lsq_finalize_kernel(const double* __restrict__ part_s,
-                                    const double* __restrict__ part_z, RowPlan p, void* out_s,
-                                    bool s_double, void* out_z, bool z_double) {
-  const int lane = threadIdx.x % plan::kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / plan::kWarp);
-  const int64_t m_end = p.U * p.S;
-  for (int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / plan::kWarp;
-       c < p.channels; c += warps) {
+// One finalise level (kernel_plan.h, "LSQ finalise"): block b sums range fin_block(b) of its
+// channel (thread t: m = m0 + t, m0 + t + 256, ... in order, slots stepped incrementally), then
+// a fixed shared-memory tree; writes out[b] (b = c * chunks + k) as float32 or float64.
+__global__ void __launch_bounds__(plan::kFinThreads)
+    lsq_finalize_kernel(const double* __restrict__ part_s, const double* __restrict__ part_z,
+                        plan::FinMap map, int64_t chunks, int64_t channels, void* out_s,
+                        bool s_double, void* out_z, bool z_double) {
+  __shared__ double sh_s[plan::kFinThreads], sh_z[plan::kFinThreads];
+  const int t = threadIdx.x;
+  for (int64_t b = blockIdx.x; b < channels * chunks; b += gridDim.x) {
+    int64_t c, m0, m1;
+    plan::fin_block(b, chunks, map.M, &c, &m0, &m1);
     double s = 0.0, z = 0.0;
-    for (int64_t m = lane; m < m_end; m += plan::kWarp) {
-      const int64_t slot = plan::finalize_slot(p, c, m);
-      s += part_s[slot];
-      z += part_z[slot];
+    for (plan::FinCursor cur = plan::fin_cursor(map, c, m0, m1, t); cur.m < cur.end;
+         plan::fin_next(map, &cur)) {
+      s += rows::ldg(part_s + cur.slot);
+      z += rows::ldg(part_z + cur.slot);
     }
-    s = rows::warp_sum(s);
-    z = rows::warp_sum(z);
-    if (lane == 0) {
+    sh_s[t] = s;
+    sh_z[t] = z;
+    __syncthreads();
+    plan::fin_tree_steps([&](int off) {
+      if (t < off) {
+        sh_s[t] += sh_s[t + off];
+        sh_z[t] += sh_z[t + off];
+      }
+      __syncthreads();
+    });
+    if (t == 0) {
       if (s_double) {
-        static_cast<double*>(out_s)[c] = s;
+        static_cast<double*>(out_s)[b] = sh_s[0];
       } else {
-        static_cast<float*>(out_s)[c] = static_cast<float>(s);
+        static_cast<float*>(out_s)[b] = static_cast<float>(sh_s[0]);
       }
       if (z_double) {
-        static_cast<double*>(out_z)[c] = z;
+        static_cast<double*>(out_z)[b] = sh_z[0];
       } else {
-        static_cast<float*>(out_z)[c] = static_cast<float>(z);
+        static_cast<float*>(out_z)[b] = static_cast<float>(sh_z[0]);
       }
     }
+    __syncthreads();  // sh_* reused by the next block index
   }
 }
 
@@ -217,14 +289,6 @@ __global__ void check_params_kernel(const float* __restrict__ scale, const float
   if (threadIdx.x == 0) *bad = b;
 }
 
-template <typename S>
-bool vec_ok(const RowPlan& p, std::initializer_list<const void*> ptrs) {
-  if (!p.long_rows || p.inner % Pack<S>::N != 0) return false;
-  for (const void* q : ptrs)
-    if (!rows::aligned16(q)) return false;
-  return true;
-}
-
 template <typename IO>
 cudaError_t forward_impl(const void* x, void* y, const float* scale, const float* zp,
                          const RowPlan& p, float qmin, float qmax, bool round_zp,
@@ -232,7 +296,7 @@ cudaError_t forward_impl(const void* x, void* y, const float* scale, const float
   using S = typename IO::S;
   FwdVisitor<IO> v{static_cast<const S*>(x), static_cast<S*>(y), scale, zp, qmin, qmax, round_zp};
   fq_forward_kernel<IO><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(
-      v, p, vec_ok<S>(p, {x, y}));
+      v, p, rows::pack_shift<S>({x, y}));
   return cudaGetLastError();
 }
 
@@ -244,7 +308,7 @@ cudaError_t backward_impl(const void* g, const void* x, void* gx, const float* s
   BwdVisitor<IO> v{static_cast<const S*>(g), static_cast<const S*>(x), static_cast<S*>(gx),
                    scale, zp, qmin, qmax};
   fq_backward_kernel<IO><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(
-      v, p, vec_ok<S>(p, {g, x, gx}));
+      v, p, rows::pack_shift<S>({g, x, gx}));
   return cudaGetLastError();
 }
 
@@ -255,7 +319,7 @@ cudaError_t lsq_impl(const void* g, const void* x, void* gx, const float* scale,
   using S = typename IO::S;
   lsq_backward_kernel<IO><<<rows::row_blocks(p), plan::kBlock, 0, stream>>>(
       static_cast<const S*>(g), static_cast<const S*>(x), static_cast<S*>(gx), scale, zp, p, qmin,
-      qmax, gf, vec_ok<S>(p, {g, x, gx}), part_s, part_z);
+      qmax, gf, rows::pack_shift<S>({g, x, gx}), part_s, part_z);
   return cudaGetLastError();
 }
 
@@ -306,15 +370,18 @@ cudaError_t fake_quant_backward(const void* g, const void* x, void* gx, FqDType 
   return cudaErrorInvalidValue;
 }
 
-int64_t lsq_partial_slots(FqShape shape) { return plan::partial_slots(plan_of(shape)); }
+int64_t lsq_scratch_doubles(FqShape shape) { return plan::lsq_scratch_doubles(plan_of(shape)); }
 
 cudaError_t lsq_backward(const void* g, const void* x, void* gx, FqDType dtype,
                          const float* scale, const float* zp, FqShape shape, float qmin,
-                         float qmax, float grad_factor, double* part_s, double* part_z,
-                         void* out_s, bool out_s_double, void* out_z, bool out_z_double,
+                         float qmax, float grad_factor, double* scratch, void* out_s,
+                         bool out_s_double, void* out_z, bool out_z_double,
                          cudaStream_t stream) {
   const RowPlan p = plan_of(shape);
   if (shape.channels == 0) return cudaSuccess;
+  const int64_t slots = plan::partial_slots(p);
+  double* part_s = scratch;
+  double* part_z = scratch + slots;
   if (p.numel > 0) {
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
@@ -337,12 +404,24 @@ cudaError_t lsq_backward(const void* g, const void* x, void* gx, FqDType dtype,
     }
     if (err != cudaSuccess) return err;
   }
-  // Empty x: U = 0 partials, the finalise writes zeros.
-  const int64_t warps_per_block = plan::kBlock / plan::kWarp;
-  int64_t blocks = (shape.channels + warps_per_block - 1) / warps_per_block;
-  blocks = blocks > 16384 ? 16384 : blocks;
-  lsq_finalize_kernel<<<static_cast<int>(blocks), plan::kBlock, 0, stream>>>(
-      part_s, part_z, p, out_s, out_s_double, out_z, out_z_double);
+  // Empty x: M = 0 partials, the finalise writes zeros.
+  const plan::FinMap map = plan::row_fin_map(p);
+  const int64_t chunks = plan::fin_chunks(map.M);
+  auto grid = [](int64_t blocks) { return static_cast<int>(blocks > 65535 ? 65535 : blocks); };
+  if (chunks > 1) {  // two levels: chunk sums into level2, then one block per channel
+    double* l2_s = scratch + 2 * slots;
+    double* l2_z = l2_s + shape.channels * chunks;
+    lsq_finalize_kernel<<<grid(shape.channels * chunks), plan::kFinThreads, 0, stream>>>(
+        part_s, part_z, map, chunks, shape.channels, l2_s, true, l2_z, true);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    lsq_finalize_kernel<<<grid(shape.channels), plan::kFinThreads, 0, stream>>>(
+        l2_s, l2_z, plan::chunk_fin_map(chunks), 1, shape.channels, out_s, out_s_double, out_z,
+        out_z_double);
+  } else {
+    lsq_finalize_kernel<<<grid(shape.channels), plan::kFinThreads, 0, stream>>>(
+        part_s, part_z, map, 1, shape.channels, out_s, out_s_double, out_z, out_z_double);
+  }
   return cudaGetLastError();
 }
 

@@ -39,16 +39,18 @@ cudaError_t fake_quant_backward(const void* g, const void* x, void* gx, FqDType 
                                 const float* scale, const float* zp, FqShape shape, float qmin,
                                 float qmax, cudaStream_t stream);
 
-// Number of fp64 partial sums lsq_backward needs in each of part_s and part_z.
-int64_t lsq_partial_slots(FqShape shape);
+// Number of fp64 scratch values lsq_backward needs (partial sums of the scale and zero-point
+// gradients, plus the second finalise level for very many partials per channel).
+int64_t lsq_scratch_doubles(FqShape shape);
 
 // LSQ backward: writes gx and the per-channel sums of the scale / zero-point gradients into
 // out_s / out_z (float32 or float64 as flagged), via per-item partial sums (plain stores) and a
-// finalise kernel that adds them in a fixed order in fp64: bitwise reproducible.
+// finalise (one 256-thread block per channel, or two fixed levels for very many partials) that
+// adds them in an order fixed by the shape, in fp64: bitwise reproducible.
 cudaError_t lsq_backward(const void* g, const void* x, void* gx, FqDType dtype,
                          const float* scale, const float* zp, FqShape shape, float qmin,
-                         float qmax, float grad_factor, double* part_s, double* part_z,
-                         void* out_s, bool out_s_double, void* out_z, bool out_z_double,
+                         float qmax, float grad_factor, double* scratch, void* out_s,
+                         bool out_s_double, void* out_z, bool out_z_double,
                          cudaStream_t stream);
 
 }  // namespace cuda

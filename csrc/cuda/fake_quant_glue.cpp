@@ -158,9 +158,8 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cuda(
   const Tensor g = grad_.contiguous();
   Tensor gx = at::empty_like(x);
   const cuda::FqShape shape = shape_of(l);
-  const int64_t slots = cuda::lsq_partial_slots(shape);
   const auto dopts = x.options().dtype(at::kDouble);
-  Tensor part = at::empty({2 * slots}, dopts);
+  Tensor scratch = at::empty({cuda::lsq_scratch_doubles(shape)}, dopts);
   // Outputs written by the finalise kernel directly when float32/float64; other dtypes go through
   // fp64 and a cast. Separate allocations: grad_scale and grad_zero_point never alias.
   const auto sdt = scale.scalar_type();
@@ -173,8 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cuda(
                            dtype_of(x), p.scale.const_data_ptr<float>(),
                            p.zp.const_data_ptr<float>(), shape, static_cast<float>(qmin),
                            static_cast<float>(qmax), static_cast<float>(grad_factor),
-                           part.mutable_data_ptr<double>(),
-                           part.mutable_data_ptr<double>() + slots, gs.mutable_data_ptr(),
+                           scratch.mutable_data_ptr<double>(), gs.mutable_data_ptr(),
                            gs.scalar_type() == at::kDouble, gz.mutable_data_ptr(),
                            gz.scalar_type() == at::kDouble, stream()),
         op);

@@ -79,6 +79,17 @@ OMPQ_HD void long_item(const RowPlan& p, int64_t item, int64_t* c, int64_t* begi
   *end = e < row_end ? e : row_end;
 }
 
+// Long-row segment [b, e) cut for packs of N elements (N a power of two): scalar head [b, hb),
+// whole packs [hb, ve) whose first element is aligned ((i + shift) % N == 0, shift >= 0: see
+// rows::pack_shift) and scalar tail [ve, e); head and tail hold fewer than N elements each.
+OMPQ_HD void pack_split(int64_t b, int64_t e, int64_t shift, int64_t N, int64_t* hb,
+                        int64_t* ve) {
+  int64_t h = b + ((N - ((b + shift) & (N - 1))) & (N - 1));  // first aligned element
+  if (h > e) h = e;
+  *hb = h;
+  *ve = h + ((e - h) & ~(N - 1));
+}
+
 // Short rows: thread t of tile -> its first element, its channel, its first outer row and the
 // flat-index step per iteration. Returns false when the thread has no column in this tile.
 struct ShortThread {
@@ -102,14 +113,106 @@ OMPQ_HD bool short_thread(const RowPlan& p, int64_t tile, int t, ShortThread* st
   return true;
 }
 
-// Slot of a partial sum and the order of the finalise: channel c sums m = 0 .. U*S-1 (each
-// lane of its warp takes m = lane, lane + 32, ..., then a fixed shuffle tree).
+// Iterations of a short-row thread: min(kIters, outer rows left in its column / rpi, rounded up);
+// 0 when its first row is past the end. Element it of the walk is st.base + it * st.step.
+OMPQ_HD int64_t short_iters(const RowPlan& p, const ShortThread& st) {
+  const int64_t rem = p.outer - st.o0;
+  if (rem <= 0) return 0;
+  const int64_t n = p.rpi == 1 ? rem : (rem + p.rpi - 1) / p.rpi;
+  return n < kIters ? n : kIters;
+}
+
+// Slot of the partial sum of (outer unit u, channel c, segment seg).
 OMPQ_HD int64_t slot_of(const RowPlan& p, int64_t u, int64_t c, int64_t seg) {
   return (u * p.channels + c) * p.S + seg;
 }
-OMPQ_HD int64_t finalize_slot(const RowPlan& p, int64_t c, int64_t m) {
-  const int64_t u = p.S == 1 ? m : m / p.S;
-  return slot_of(p, u, c, m - u * p.S);
+
+// ---- LSQ finalise ----------------------------------------------------------------------------
+// Channel c's partials, in finalise order m = 0 .. M-1, live at
+//   slot = c * cstride + (m / S) * ustride + m % S.
+// One block of kFinThreads threads sums a range [m0, m1) of one channel: thread t adds
+// m = m0 + t, m0 + t + kFinThreads, ... in order (the slot is stepped incrementally: two integer
+// divisions per thread, none per partial), then a fixed shared-memory tree (fin_tree) combines
+// the kFinThreads sums. When M > kFinChunk the finalise has two levels: block (c, k) sums chunk
+// k = [k * kFinChunk, min(M, (k + 1) * kFinChunk)) into level2[c * chunks + k]; then one block
+// per channel sums its `chunks` level-2 partials the same way. Every choice depends only on the
+// tensor shape (never on the grid size): the result is bitwise reproducible.
+constexpr int kFinThreads = 256;
+constexpr int64_t kFinChunk = 2048;
+
+struct FinMap {
+  int64_t M = 0, S = 1, cstride = 0, ustride = 0;
+};
+// The row kernels' partials: slot_of(p, u, c, seg) with m = u * S + seg.
+OMPQ_HD FinMap row_fin_map(const RowPlan& p) {
+  FinMap f;
+  f.M = p.U * p.S;
+  f.S = p.S;
+  f.cstride = p.S;
+  f.ustride = p.channels * p.S;
+  return f;
+}
+// Level-2 partials of a two-level finalise: channel-major, `chunks` per channel.
+OMPQ_HD FinMap chunk_fin_map(int64_t chunks) {
+  FinMap f;
+  f.M = chunks;
+  f.S = 1;
+  f.cstride = chunks;
+  f.ustride = 1;
+  return f;
+}
+// Level-1 chunks per channel (1: a single level whose one chunk is the whole range).
+OMPQ_HD int64_t fin_chunks(int64_t M) {
+  return M > kFinChunk ? (M + kFinChunk - 1) / kFinChunk : 1;
+}
+// Doubles of scratch the LSQ backward needs: part_s, part_z (partial_slots each), then, for a
+// two-level finalise, level2_s, level2_z (channels * chunks each).
+OMPQ_HD int64_t lsq_scratch_doubles(const RowPlan& p) {
+  const int64_t chunks = fin_chunks(row_fin_map(p).M);
+  return 2 * partial_slots(p) + (chunks > 1 ? 2 * p.channels * chunks : 0);
+}
+
+struct FinCursor {
+  int64_t m, end, seg, slot;  // current m (< end while valid), m % S, its slot
+  int64_t dseg, dslot, wrap;  // per-step increments
+};
+// Thread t's walk through [m0, m1) of channel c.
+OMPQ_HD FinCursor fin_cursor(const FinMap& f, int64_t c, int64_t m0, int64_t m1, int t) {
+  FinCursor k;
+  k.m = m0 + t;
+  k.end = m1;
+  const int64_t u = k.m / f.S;
+  k.seg = k.m - u * f.S;
+  k.slot = c * f.cstride + u * f.ustride + k.seg;
+  const int64_t du = kFinThreads / f.S;
+  k.dseg = kFinThreads - du * f.S;
+  k.dslot = du * f.ustride + k.dseg;
+  k.wrap = f.ustride - f.S;
+  return k;
+}
+OMPQ_HD void fin_next(const FinMap& f, FinCursor* k) {
+  k->m += kFinThreads;
+  k->seg += k->dseg;
+  k->slot += k->dslot;
+  if (k->seg >= f.S) {
+    k->seg -= f.S;
+    k->slot += k->wrap;
+  }
+}
+// Range of block b of a finalise level with `chunks` chunks per channel over M partials.
+OMPQ_HD void fin_block(int64_t b, int64_t chunks, int64_t M, int64_t* c, int64_t* m0,
+                       int64_t* m1) {
+  *c = b / chunks;
+  const int64_t k = b - *c * chunks;
+  const int64_t len = chunks == 1 ? M : kFinChunk;
+  *m0 = k * len;
+  *m1 = *m0 + len < M ? *m0 + len : M;
+}
+// The fixed tree over kFinThreads values (the kernel runs the same steps with __syncthreads
+// between them): sh[t] += sh[t + off] for off = kFinThreads / 2, ..., 1; the sum ends in sh[0].
+template <typename F>
+OMPQ_HD void fin_tree_steps(F&& step) {
+  for (int off = kFinThreads / 2; off > 0; off /= 2) step(off);
 }
 
 // ---- centered_gram -------------------------------------------------------------------------

@@ -8,7 +8,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 #include "kernel_math.h"
 #include "kernel_plan.h"
@@ -53,22 +55,82 @@ struct alignas(16) Pack {
   S v[N];
 };
 
+// Read-only loads through the non-coherent path (ld.global.nc): __restrict__ on struct members
+// is ignored by nvcc, so the kernels ask for it explicitly.
 template <typename S>
-__device__ __forceinline__ Pack<S> load_pack(const S* p, int64_t j) {
-  return reinterpret_cast<const Pack<S>*>(p)[j];
+__device__ __forceinline__ S ldg(const S* p) {
+  return __ldg(p);
+}
+// Pack of elements [i, i + N): p + i must be 16-byte aligned.
+template <typename S>
+__device__ __forceinline__ Pack<S> load_pack(const S* p, int64_t i) {
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p + i));
+  Pack<S> o;
+  memcpy(&o, &r, sizeof(o));
+  return o;
 }
 template <typename S>
-__device__ __forceinline__ void store_pack(S* p, int64_t j, const Pack<S>& v) {
-  reinterpret_cast<Pack<S>*>(p)[j] = v;
+__device__ __forceinline__ void store_pack(S* p, int64_t i, const Pack<S>& v) {
+  *reinterpret_cast<Pack<S>*>(p + i) = v;
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Element shift of a set of same-dtype arrays: element i of all of them is 16-byte aligned iff
+// (i + shift) % N == 0. -1 when their addresses differ modulo 16 bytes (no common packs).
+template <typename S>
+int pack_shift(std::initializer_list<const void*> ptrs) {
+  const uintptr_t m0 = reinterpret_cast<uintptr_t>(*ptrs.begin()) % 16;
+  for (const void* q : ptrs) {
+    const uintptr_t m = reinterpret_cast<uintptr_t>(q) % 16;
+    if (m != m0 || m % sizeof(S) != 0) return -1;
+  }
+  return static_cast<int>((m0 / sizeof(S)) % Pack<S>::N);
+}
+
+// Elements i = i0, i0 + step, ... < end, kUnroll at a time: all loads first (kUnroll
+// independent loads in flight per thread), then compute and store. Vec: i is a pack index
+// start (16-byte aligned) and V::load_vec / V::put_vec handle N elements.
+constexpr int kUnroll = 4;
+template <bool Vec, typename V, typename K>
+__device__ __forceinline__ void strided(const V& v, const K& k, int64_t i0, int64_t end,
+                                        int64_t step) {
+  using In = typename std::conditional<Vec, typename V::InVec, typename V::In>::type;
+  for (int64_t i = i0; i < end; i += kUnroll * step) {
+    In a[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = i + u * step;
+      if (j < end) {
+        if constexpr (Vec) {
+          a[u] = v.load_vec(j);
+        } else {
+          a[u] = v.load(j);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = i + u * step;
+      if (j < end) {
+        if constexpr (Vec) {
+          v.put_vec(k, a[u], j);
+        } else {
+          v.put(k, a[u], j);
+        }
+      }
+    }
+  }
+}
 
 // Visits every element once. V::Coef V::coef(c) builds the per-channel coefficients;
-// V::elem(k, i) handles element i; V::elem_vec(k, j) handles elements [j*N, j*N + N) (only when
-// `vec`: long rows, inner % N == 0 and 16-byte aligned pointers, checked by the launcher).
+// V::load(i) -> V::In reads element i's inputs and V::put(k, in, i) computes and stores it;
+// V::load_vec(i) / V::put_vec(k, in, i) do the same for the pack [i, i + N) (i 16-byte aligned).
+// Long rows: each warp item (one row segment) is split into a scalar head up to the first
+// aligned element, a vector body of whole packs and a scalar tail (shift >= 0, see pack_shift);
+// shift < 0: all scalar. Short rows: each thread walks its column kUnroll iterations at a time.
+// No reductions here, so the load width never changes a result.
 template <typename S, typename V>
-__device__ __forceinline__ void for_each_element(const plan::RowPlan& p, bool vec, const V& v) {
+__device__ __forceinline__ void for_each_element(const plan::RowPlan& p, int shift, const V& v) {
+  constexpr int64_t N = Pack<S>::N;
   if (p.long_rows) {
     const int lane = threadIdx.x % plan::kWarp;
     const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / plan::kWarp);
@@ -78,23 +140,22 @@ __device__ __forceinline__ void for_each_element(const plan::RowPlan& p, bool ve
       int64_t c, b, e;
       plan::long_item(p, item, &c, &b, &e);
       const auto k = v.coef(c);
-      if (vec) {
-        constexpr int N = Pack<S>::N;
-        for (int64_t j = b / N + lane; j < e / N; j += plan::kWarp) v.elem_vec(k, j);
-      } else {
-        for (int64_t i = b + lane; i < e; i += plan::kWarp) v.elem(k, i);
+      if (shift < 0) {
+        strided<false>(v, k, b + lane, e, plan::kWarp);
+        continue;
       }
+      int64_t hb, ve;  // head [b, hb), packs [hb, ve), tail [ve, e)
+      plan::pack_split(b, e, shift, N, &hb, &ve);
+      if (b + lane < hb) v.put(k, v.load(b + lane), b + lane);  // head: < N elements
+      strided<true>(v, k, hb + lane * N, ve, plan::kWarp * N);
+      if (ve + lane < e) v.put(k, v.load(ve + lane), ve + lane);  // tail: < N elements
     }
   } else {
     for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
       plan::ShortThread st;
       if (!plan::short_thread(p, tile, threadIdx.x, &st)) continue;
       const auto k = v.coef(st.c);
-      int64_t i = st.base;
-      for (int64_t it = 0, o = st.o0; it < plan::kIters && o < p.outer;
-           ++it, o += p.rpi, i += st.step) {
-        v.elem(k, i);
-      }
+      strided<false>(v, k, st.base, st.base + plan::short_iters(p, st) * st.step, st.step);
     }
   }
 }

@@ -167,6 +167,97 @@ void test_ada_math(bool soft, int64_t axis) {
   EXPECT(max_rel < 1e-4, "adaround soft gv relative error " << max_rel);
 }
 
+// One finalise level exactly as lsq_finalize_kernel runs it: block b -> (c, [m0, m1)), thread t
+// adds its cursor's slots in order, then the fixed tree. Counts the reads of every slot.
+std::vector<double> emulate_level(const pl::FinMap& f, int64_t chunks, int64_t C,
+                                  const std::vector<double>& part, std::vector<int>* read) {
+  std::vector<double> out(C * chunks, 0.0);
+  int64_t bad_cursor = 0;
+  for (int64_t b = 0; b < C * chunks; ++b) {
+    int64_t c, m0, m1;
+    pl::fin_block(b, chunks, f.M, &c, &m0, &m1);
+    std::vector<double> sh(pl::kFinThreads, 0.0);
+    for (int t = 0; t < pl::kFinThreads; ++t) {
+      int64_t expect_m = m0 + t;
+      for (pl::FinCursor cur = pl::fin_cursor(f, c, m0, m1, t); cur.m < cur.end;
+           pl::fin_next(f, &cur)) {
+        // The incremental slot equals the closed form slot(c, m).
+        const int64_t closed = c * f.cstride + (cur.m / f.S) * f.ustride + cur.m % f.S;
+        bad_cursor += !(cur.m == expect_m && cur.slot == closed && cur.seg == cur.m % f.S);
+        expect_m += pl::kFinThreads;
+        ++(*read)[cur.slot];
+        sh[t] += part[cur.slot];
+      }
+    }
+    pl::fin_tree_steps([&](int off) {
+      for (int t = 0; t < off; ++t) sh[t] += sh[t + off];
+    });
+    out[b] = sh[0];
+  }
+  EXPECT(bad_cursor == 0, "finalise cursor: " << bad_cursor << " slots differ from the closed form "
+                                               "(M=" << f.M << " S=" << f.S << ")");
+  return out;
+}
+
+// The whole LSQ finalise (one level, or two when M > kFinChunk); returns the C channel sums.
+std::vector<double> emulate_finalise(const pl::RowPlan& p, const std::vector<double>& part,
+                                     std::vector<int>* read) {
+  const pl::FinMap f = pl::row_fin_map(p);
+  const int64_t chunks = pl::fin_chunks(f.M);
+  if (chunks == 1) return emulate_level(f, 1, p.channels, part, read);
+  const std::vector<double> l2 = emulate_level(f, chunks, p.channels, part, read);
+  std::vector<int> read2(l2.size(), 0);
+  std::vector<double> out = emulate_level(pl::chunk_fin_map(chunks), 1, p.channels, l2, &read2);
+  int bad = 0;
+  for (int r : read2) bad += r != 1;
+  EXPECT(bad == 0 && pl::lsq_scratch_doubles(p) ==
+                         2 * pl::partial_slots(p) + 2 * p.channels * chunks,
+         "level-2 partials read " << bad << " times wrong");
+  return out;
+}
+
+// Finalise alone on large shapes (partials synthetic, no element walk): every slot read once,
+// sums equal the direct per-channel sums over slot_of(u, c, seg).
+void test_finalise(int64_t outer, int64_t C, int64_t inner, bool expect_two_levels) {
+  const pl::RowPlan p = pl::make_row_plan(outer, C, inner);
+  const int64_t slots = pl::partial_slots(p);
+  std::vector<double> part(slots);
+  for (int64_t i = 0; i < slots; ++i) part[i] = std::sin(double(i)) + 1.5;
+  std::vector<int> read(slots, 0);
+  const std::vector<double> fin = emulate_finalise(p, part, &read);
+  int64_t bad_read = 0;
+  for (int r : read) bad_read += r != 1;
+  double max_err = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    double d = 0;
+    for (int64_t u = 0; u < p.U; ++u)
+      for (int64_t seg = 0; seg < p.S; ++seg) d += part[pl::slot_of(p, u, c, seg)];
+    max_err = std::max(max_err, std::abs(fin[c] - d) / (1 + std::abs(d)));
+  }
+  const bool two = pl::fin_chunks(pl::row_fin_map(p).M) > 1;
+  EXPECT(bad_read == 0 && max_err < 1e-12 && two == expect_two_levels,
+         "finalise outer=" << outer << " C=" << C << " inner=" << inner << ": slots read wrong "
+                           << bad_read << ", err " << max_err << ", two levels " << two);
+}
+
+// Long-row pack split: head and tail shorter than N, body made of aligned whole packs, every
+// element of [b, e) in exactly one part, for every alignment shift.
+void test_pack_split() {
+  int bad = 0;
+  for (int64_t N : {2, 4, 8})
+    for (int64_t shift = 0; shift < N; ++shift)
+      for (int64_t b : {0, 1, 3, 5, 1024, 4097})
+        for (int64_t len : {0, 1, 2, 3, 7, 8, 9, 31, 1024}) {
+          const int64_t e = b + len;
+          int64_t hb, ve;
+          pl::pack_split(b, e, shift, N, &hb, &ve);
+          bad += !(b <= hb && hb <= ve && ve <= e && hb - b < N && e - ve < N &&
+                   (ve - hb) % N == 0 && (hb == ve || (hb + shift) % N == 0) &&
+                   (hb == e || (hb + shift) % N == 0));
+        }
+  EXPECT(bad == 0, "pack_split: " << bad << " bad splits");
+}
+
 // Every element exactly once, with the right channel; partial slots written once each and
 // read once each by the finalise; emulated reduction equals the direct per-channel sum.
 void test_row_plan(int64_t outer, int64_t C, int64_t inner) {
@@ -195,8 +286,11 @@ void test_row_plan(int64_t outer, int64_t C, int64_t inner) {
       for (int t = 0; t < pl::kBlock; ++t) {
         pl::ShortThread st;
         if (!pl::short_thread(p, tile, t, &st)) continue;
-        int64_t i = st.base;
-        for (int64_t it = 0, o = st.o0; it < pl::kIters && o < outer; ++it, o += p.rpi, i += st.step) {
+        // The kernels' walk: short_iters(p, st) elements base, base + step, ...
+        const int64_t iters = pl::short_iters(p, st);
+        chan_ok &= iters <= pl::kIters && (iters == 0 || st.o0 + (iters - 1) * p.rpi < outer) &&
+                   (iters == pl::kIters || st.o0 + iters * p.rpi >= outer);
+        for (int64_t it = 0, i = st.base; it < iters; ++it, i += st.step) {
           ++seen[i];
           chan_ok &= (i / inner) % C == st.c;
           sh[t] += val(i);
@@ -220,16 +314,10 @@ void test_row_plan(int64_t outer, int64_t C, int64_t inner) {
   for (int w : written) bad_written += w != 1;
   std::vector<double> direct(C, 0.0);
   for (int64_t i = 0; i < n; ++i) direct[(i / inner) % C] += val(i);
+  const std::vector<double> fin = emulate_finalise(p, part, &read);
   double max_err = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0;
-    for (int64_t m = 0; m < p.U * p.S; ++m) {
-      const int64_t slot = pl::finalize_slot(p, c, m);
-      ++read[slot];
-      s += part[slot];
-    }
-    max_err = std::max(max_err, std::abs(s - direct[c]) / (1 + std::abs(direct[c])));
-  }
+  for (int64_t c = 0; c < C; ++c)
+    max_err = std::max(max_err, std::abs(fin[c] - direct[c]) / (1 + std::abs(direct[c])));
   for (int r : read) bad_read += r != 1;
   EXPECT(bad_seen == 0 && chan_ok && bad_written == 0 && bad_read == 0 && max_err < 1e-12,
          "row plan outer=" << outer << " C=" << C << " inner=" << inner << ": elements not once "
@@ -336,6 +424,21 @@ int main() {
                                {33, 17, 129}, {5, 4, 256},   {2, 3, 2049}, {1000, 1, 3},
                                {65, 257, 1},  {4, 1, 100000}, {9, 2, 128}};
   for (const auto& s : shapes) test_row_plan(s[0], s[1], s[2]);
+  // Two-level finalise, walked element by element: per-tensor 4M (S = 977, U = 4) and
+  // S = 2 partials per row (the cursor's wrap) with M = 3000.
+  test_row_plan(4, 1, 1000000);
+  test_row_plan(1500, 2, 1100);
+  // Finalise alone: one level at the boundary, two levels for long and short rows.
+  test_finalise(1, 1, 2048 * 1024, false);
+  test_finalise(1, 1, 2048 * 1024 + 1, true);
+  test_finalise(64 * 64, 1, 56 * 56, true);     // the activation tensor, per-channel-like rows
+  test_finalise(1, 1, 64 * 64 * 56 * 56, true);  // the activation tensor, per tensor
+  test_finalise(512, 512, 9, false);             // the weight tensor, per channel (short rows)
+  test_finalise(3, 300, 700000, true);            // S = 684, M = 2052: just two levels
+  test_finalise(70000, 1, 1, false);
+  test_finalise(20000000, 3, 1, true);           // short rows, 7354 outer tiles
+  test_finalise(700000, 256, 1, true);           // short rows, kc = 256, rpi = 1
+  test_pack_split();
   for (int64_t n : {2, 63, 64, 65, 130})
     for (int64_t d : {1, 31, 33, 1000, 70000}) test_gram_plan(n, d);
   test_gram_accuracy();
