@@ -24,6 +24,11 @@ constexpr int kThreads = 16;               // threads per tile side (16 × 16 = 
 constexpr int kPer = kTile / kThreads;     // outputs per thread per side (4)
 constexpr int kStagesPerFlush = plan::kGFlush / kK;
 static_assert(plan::kGFlush % kK == 0, "flush interval must be a multiple of the stage width");
+static_assert(kPer == 4, "each thread reads its 4 rows / 4 columns as one float4");
+// Shared tiles are s[kk][row] with a row pitch of kTile + 4 floats: a multiple of 4 (16-byte
+// aligned float4 reads of a thread's 4 consecutive rows) that spreads the column-wise stores of
+// load_tile over 8 banks.
+constexpr int kPitch = kTile + 4;
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
@@ -41,10 +46,11 @@ __global__ void column_mean_kernel(const T* __restrict__ x, int64_t n, int64_t d
 }
 
 // Load x[i0.., k0..] (kTile rows × kK cols), centred, into s[kk][row]; zero outside the matrix.
+// Consecutive threads read consecutive columns of a row (coalesced global loads).
 template <typename T>
 __device__ __forceinline__ void load_tile(const T* __restrict__ x, const float* __restrict__ mean,
                                           int64_t n, int64_t k_end, int64_t ld, int64_t i0,
-                                          int64_t k0, float (*s)[kTile + 1]) {
+                                          int64_t k0, float (*s)[kPitch]) {
   const int t = threadIdx.y * kThreads + threadIdx.x;
   for (int e = t; e < kTile * kK; e += kThreads * kThreads) {
     const int row = e / kK;
@@ -52,7 +58,7 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ x, const float* 
     const int64_t i = i0 + row;
     const int64_t k = k0 + kk;
     float v = 0.f;
-    if (i < n && k < k_end) v = to_f32(x[i * ld + k]) - mean[k];
+    if (i < n && k < k_end) v = to_f32(__ldg(x + i * ld + k)) - __ldg(mean + k);
     s[kk][row] = v;
   }
 }
@@ -61,8 +67,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads* kThreads)
     gram_tile_kernel(const T* __restrict__ x, const float* __restrict__ mean, GramPlan g,
                      int64_t ld, double* __restrict__ partial) {
-  __shared__ float sa[kK][kTile + 1];
-  __shared__ float sb[kK][kTile + 1];
+  // Thread (tx, ty) owns rows 4 ty .. 4 ty + 3 and columns 4 tx .. 4 tx + 3 of the tile: one
+  // float4 shared load each per k step (2 loads per 16 FMAs).
+  __shared__ __align__(16) float sa[kK][kPitch];
+  __shared__ __align__(16) float sb[kK][kPitch];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t items = g.pairs * g.slices;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -87,14 +95,13 @@ __global__ void __launch_bounds__(kThreads* kThreads)
       load_tile(x, mean, g.n, k_end, ld, i0, k0, sa);
       if (!diag) load_tile(x, mean, g.n, k_end, ld, j0, k0, sb);
       __syncthreads();
-      const float(*sbp)[kTile + 1] = diag ? sa : sb;
+      const float(*sbp)[kPitch] = diag ? sa : sb;
 #pragma unroll 8
       for (int kk = 0; kk < kK; ++kk) {
-        float va[kPer], vb[kPer];
-#pragma unroll
-        for (int a = 0; a < kPer; ++a) va[a] = sa[kk][ty + a * kThreads];
-#pragma unroll
-        for (int b = 0; b < kPer; ++b) vb[b] = sbp[kk][tx + b * kThreads];
+        const float4 a4 = *reinterpret_cast<const float4*>(&sa[kk][ty * kPer]);
+        const float4 b4 = *reinterpret_cast<const float4*>(&sbp[kk][tx * kPer]);
+        const float va[kPer] = {a4.x, a4.y, a4.z, a4.w};
+        const float vb[kPer] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
         for (int a = 0; a < kPer; ++a)
 #pragma unroll
@@ -117,8 +124,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
     for (int a = 0; a < kPer; ++a)
 #pragma unroll
       for (int b = 0; b < kPer; ++b) {
-        out[(ty + a * kThreads) * kTile + tx + b * kThreads] =
-            dacc[a][b] + static_cast<double>(acc[a][b]);
+        out[(ty * kPer + a) * kTile + tx * kPer + b] = dacc[a][b] + static_cast<double>(acc[a][b]);
       }
   }
 }
