@@ -133,13 +133,7 @@ __global__ void __launch_bounds__(plan::kBlock)
     return kmath::make_fq_coef<T>(rows::ldg(scale + c), rows::ldg(zp + c), qmin, qmax, true, gf);
   };
   if (p.long_rows) {
-    const int lane = threadIdx.x % plan::kWarp;
-    const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / plan::kWarp);
-    for (int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) /
-                        plan::kWarp;
-         item < p.items; item += warps) {
-      int64_t c, b, e;
-      plan::long_item(p, item, &c, &b, &e);
+    rows::for_each_warp_item(p, [&](int64_t item, int lane, int64_t c, int64_t b, int64_t e) {
       const auto k = coef(c);
       const bool vseg = shift >= 0 && ((b + shift) & (N - 1)) == 0;
       double ds = 0.0, dz = 0.0;
@@ -185,7 +179,7 @@ __global__ void __launch_bounds__(plan::kBlock)
         part_s[item] = ds;  // item == slot_of(p, o, c, seg)
         part_z[item] = dz;
       }
-    }
+    });
     return;
   }
   __shared__ double sh_s[plan::kBlock], sh_z[plan::kBlock];
@@ -323,6 +317,22 @@ cudaError_t lsq_impl(const void* g, const void* x, void* gx, const float* scale,
   return cudaGetLastError();
 }
 
+// Calls f(IO{}) with the rows::F32 / F64 / F16 / BF16 storage-and-compute type of dtype.
+template <typename F>
+cudaError_t with_io(FqDType dtype, F&& f) {
+  switch (dtype) {
+    case FqDType::kFloat32:
+      return f(rows::F32{});
+    case FqDType::kFloat64:
+      return f(rows::F64{});
+    case FqDType::kFloat16:
+      return f(rows::F16{});
+    case FqDType::kBFloat16:
+      return f(rows::BF16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 RowPlan plan_of(FqShape s) { return plan::make_row_plan(s.outer, s.channels, s.inner); }
 
 }  // namespace
@@ -339,17 +349,9 @@ cudaError_t fake_quant_forward(const void* x, void* y, FqDType dtype, const floa
                                bool round_zp, cudaStream_t stream) {
   const RowPlan p = plan_of(shape);
   if (p.numel == 0) return cudaSuccess;
-  switch (dtype) {
-    case FqDType::kFloat32:
-      return forward_impl<rows::F32>(x, y, scale, zp, p, qmin, qmax, round_zp, stream);
-    case FqDType::kFloat64:
-      return forward_impl<rows::F64>(x, y, scale, zp, p, qmin, qmax, round_zp, stream);
-    case FqDType::kFloat16:
-      return forward_impl<rows::F16>(x, y, scale, zp, p, qmin, qmax, round_zp, stream);
-    case FqDType::kBFloat16:
-      return forward_impl<rows::BF16>(x, y, scale, zp, p, qmin, qmax, round_zp, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_io(dtype, [&](auto io) {
+    return forward_impl<decltype(io)>(x, y, scale, zp, p, qmin, qmax, round_zp, stream);
+  });
 }
 
 cudaError_t fake_quant_backward(const void* g, const void* x, void* gx, FqDType dtype,
@@ -357,17 +359,9 @@ cudaError_t fake_quant_backward(const void* g, const void* x, void* gx, FqDType 
                                 float qmax, cudaStream_t stream) {
   const RowPlan p = plan_of(shape);
   if (p.numel == 0) return cudaSuccess;
-  switch (dtype) {
-    case FqDType::kFloat32:
-      return backward_impl<rows::F32>(g, x, gx, scale, zp, p, qmin, qmax, stream);
-    case FqDType::kFloat64:
-      return backward_impl<rows::F64>(g, x, gx, scale, zp, p, qmin, qmax, stream);
-    case FqDType::kFloat16:
-      return backward_impl<rows::F16>(g, x, gx, scale, zp, p, qmin, qmax, stream);
-    case FqDType::kBFloat16:
-      return backward_impl<rows::BF16>(g, x, gx, scale, zp, p, qmin, qmax, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_io(dtype, [&](auto io) {
+    return backward_impl<decltype(io)>(g, x, gx, scale, zp, p, qmin, qmax, stream);
+  });
 }
 
 int64_t lsq_scratch_doubles(FqShape shape) { return plan::lsq_scratch_doubles(plan_of(shape)); }
@@ -383,25 +377,10 @@ cudaError_t lsq_backward(const void* g, const void* x, void* gx, FqDType dtype,
   double* part_s = scratch;
   double* part_z = scratch + slots;
   if (p.numel > 0) {
-    cudaError_t err = cudaErrorInvalidValue;
-    switch (dtype) {
-      case FqDType::kFloat32:
-        err = lsq_impl<rows::F32>(g, x, gx, scale, zp, p, qmin, qmax, grad_factor, part_s, part_z,
-                                  stream);
-        break;
-      case FqDType::kFloat64:
-        err = lsq_impl<rows::F64>(g, x, gx, scale, zp, p, qmin, qmax, grad_factor, part_s, part_z,
-                                  stream);
-        break;
-      case FqDType::kFloat16:
-        err = lsq_impl<rows::F16>(g, x, gx, scale, zp, p, qmin, qmax, grad_factor, part_s, part_z,
-                                  stream);
-        break;
-      case FqDType::kBFloat16:
-        err = lsq_impl<rows::BF16>(g, x, gx, scale, zp, p, qmin, qmax, grad_factor, part_s,
-                                   part_z, stream);
-        break;
-    }
+    const cudaError_t err = with_io(dtype, [&](auto io) {
+      return lsq_impl<decltype(io)>(g, x, gx, scale, zp, p, qmin, qmax, grad_factor, part_s,
+                                    part_z, stream);
+    });
     if (err != cudaSuccess) return err;
   }
   // Empty x: M = 0 partials, the finalise writes zeros.

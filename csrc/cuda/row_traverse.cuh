@@ -128,28 +128,37 @@ __device__ __forceinline__ void strided(const V& v, const K& k, int64_t i0, int6
 // aligned element, a vector body of whole packs and a scalar tail (shift >= 0, see pack_shift);
 // shift < 0: all scalar. Short rows: each thread walks its column kUnroll iterations at a time.
 // No reductions here, so the load width never changes a result.
+// Long rows: calls f(item, lane, c, b, e) for every warp item this warp owns (grid-stride over
+// the items; c is the item's channel, [b, e) its elements). Warp-uniform: every lane of a warp
+// sees the same items, so f may use warp shuffles.
+template <typename F>
+__device__ __forceinline__ void for_each_warp_item(const plan::RowPlan& p, F&& f) {
+  const int lane = threadIdx.x % plan::kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / plan::kWarp);
+  for (int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / plan::kWarp;
+       item < p.items; item += warps) {
+    int64_t c, b, e;
+    plan::long_item(p, item, &c, &b, &e);
+    f(item, lane, c, b, e);
+  }
+}
+
 template <typename S, typename V>
 __device__ __forceinline__ void for_each_element(const plan::RowPlan& p, int shift, const V& v) {
   constexpr int64_t N = Pack<S>::N;
   if (p.long_rows) {
-    const int lane = threadIdx.x % plan::kWarp;
-    const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / plan::kWarp);
-    for (int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) /
-                        plan::kWarp;
-         item < p.items; item += warps) {
-      int64_t c, b, e;
-      plan::long_item(p, item, &c, &b, &e);
+    for_each_warp_item(p, [&](int64_t, int lane, int64_t c, int64_t b, int64_t e) {
       const auto k = v.coef(c);
       if (shift < 0) {
         strided<false>(v, k, b + lane, e, plan::kWarp);
-        continue;
+        return;
       }
       int64_t hb, ve;  // head [b, hb), packs [hb, ve), tail [ve, e)
       plan::pack_split(b, e, shift, N, &hb, &ve);
       if (b + lane < hb) v.put(k, v.load(b + lane), b + lane);  // head: < N elements
       strided<true>(v, k, hb + lane * N, ve, plan::kWarp * N);
       if (ve + lane < e) v.put(k, v.load(ve + lane), ve + lane);  // tail: < N elements
-    }
+    });
   } else {
     for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
       plan::ShortThread st;

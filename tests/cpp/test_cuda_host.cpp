@@ -16,18 +16,9 @@
 
 #include "cuda/kernel_math.h"
 #include "cuda/kernel_plan.h"
+#include "expect.h"
 
 namespace {
-
-int g_failures = 0, g_checks = 0;
-#define EXPECT(cond, msg)                                                                  \
-  do {                                                                                     \
-    ++g_checks;                                                                            \
-    if (!(cond)) {                                                                         \
-      ++g_failures;                                                                        \
-      std::cerr << "FAIL " << __FILE__ << ":" << __LINE__ << ": " << msg << std::endl;     \
-    }                                                                                      \
-  } while (0)
 
 using at::Tensor;
 using Stack = std::vector<c10::IValue>;
@@ -442,6 +433,5 @@ int main() {
   for (int64_t n : {2, 63, 64, 65, 130})
     for (int64_t d : {1, 31, 33, 1000, 70000}) test_gram_plan(n, d);
   test_gram_accuracy();
-  std::cout << g_checks << " checks, " << g_failures << " failures" << std::endl;
-  return g_failures == 0 ? 0 : 1;
+  return ompq_test::finish();
 }

@@ -11,19 +11,10 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
+
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, msg)                                                                  \
-  do {                                                                                     \
-    ++g_checks;                                                                            \
-    if (!(cond)) {                                                                         \
-      ++g_failures;                                                                        \
-      std::cerr << "FAIL " << __FILE__ << ":" << __LINE__ << ": " << msg << std::endl;     \
-    }                                                                                      \
-  } while (0)
 
 using at::Tensor;
 using Stack = std::vector<c10::IValue>;
@@ -227,6 +218,5 @@ int main() {
     std::cerr << "FAIL: unexpected exception: " << e.what() << std::endl;
     return 2;
   }
-  std::cout << g_checks - g_failures << "/" << g_checks << " checks passed" << std::endl;
-  return g_failures == 0 ? 0 : 1;
+  return ompq_test::finish();
 }
