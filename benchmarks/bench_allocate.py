@@ -12,7 +12,6 @@ Writes benchmarks/results/allocate.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch
 from ompq.allocate import allocate
 from ompq.layers import LayerInfo
 from ompq.profile import Profile
+from _results import write_json  # benchmarks/_results.py: this folder is on sys.path
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MIB = 8 * 2 ** 20
@@ -93,10 +93,7 @@ def main() -> None:
                         "size_mb": [c.size_mb for c in sweep],
                         "objective": [c.objective for c in sweep],
                         "status": [c.status for c in sweep]}}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Run:  python benchmarks/bench_cuda.py [--rounds 11] [--reps 20] [--json benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ from typing import Callable
 import torch
 
 from ompq import ops
+from _results import write_json  # benchmarks/_results.py: this folder is on sys.path
 
 Case = Callable[[], object]
 
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         result["fake_quant"][title] = fake_quant_table(title, x, axis, qmin, qmax, args, peak)
     del big
     result["gram"] = gram_table(64, 200_000, args, device)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from ompq import ops, reference
+from _results import write_json  # benchmarks/_results.py: this folder is on sys.path
 
 Case = Callable[[], object]
 
@@ -249,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pin_malloc(args.pages)
         result["pages"][args.pages] = run_tables(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

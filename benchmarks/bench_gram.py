@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_gram.py [--rounds 9] [--threads 2] [--out benchma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 
 from ompq import ops, reference
+from _results import write_json  # benchmarks/_results.py: this folder is on sys.path
 
 
 def make_features(n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['speedup_vs_torch']:>7.2f}x {e['ompq']:>9.1e} {e['torch']:>9.1e} "
               f"{r['cpu_speedup_vs_torch']:>15.2f}x")
     print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result = {
         "format": "ompq.BenchGram", "version": 1,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
@@ -125,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"speedup_vs_torch_fp32_d200k": 2.5, "max_rel_err": 1e-5},
         "cases": rows,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

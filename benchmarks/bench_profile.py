@@ -40,6 +40,7 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from _results import write_json  # benchmarks/_results.py: this folder is on sys.path
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -333,10 +334,7 @@ def main() -> None:
         result["ratio_rss_ompq_vs_forward"] = ratio
         print(f"  peak RSS: forward {rss['forward_kib'] / 2**20:.2f} GiB, ompq "
               f"{rss['ompq_kib'] / 2**20:.2f} GiB, ratio {ratio:.3f}   (target <= 1.3)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
