@@ -30,7 +30,7 @@ namespace ompq {
 // Validate the quantizer arguments and return the channel layout of w.
 AdaLayout adaround_check_args(const char* op, const at::Tensor& w, const at::Tensor& scale,
                         const at::Tensor& zero_point, const at::Tensor& v, int64_t qmin,
-                        int64_t qmax, std::optional<int64_t>& axis) {
+                        int64_t qmax, std::optional<int64_t>& axis, bool check_values) {
   TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, op,
               ": w must be float32 or float64, got ", w.scalar_type());
   TORCH_CHECK_VALUE(v.sizes() == w.sizes(), op, ": v must have the same shape as w ", w.sizes(),
@@ -61,6 +61,7 @@ AdaLayout adaround_check_args(const char* op, const at::Tensor& w, const at::Ten
               " elements; expected ", lay.channels, " (", what, ")");
   TORCH_CHECK_TYPE(scale.is_floating_point() && zero_point.is_floating_point(), op,
               ": scale and zero_point must be floating-point tensors (zero_point holds integers)");
+  if (!check_values) return lay;
   // One fused reduction, one device-to-host sync (min/max only on the error path).
   TORCH_CHECK_VALUE((at::isfinite(scale) & (scale > 0)).all().item<bool>(), op,
               ": scale must be positive and finite, got min ", scale.min().item<double>(),

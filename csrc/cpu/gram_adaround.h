@@ -19,9 +19,12 @@ struct AdaLayout {
   int64_t inner = 1;     // contiguous elements sharing one channel
 };
 // Validates the AdaRound quantizer arguments (normalises a negative axis) and returns the layout.
+// check_values = false skips the value check of scale (a device-to-host sync on CUDA): the CUDA
+// backward op trusts the scale its forward checked.
 AdaLayout adaround_check_args(const char* op, const at::Tensor& w, const at::Tensor& scale,
                               const at::Tensor& zero_point, const at::Tensor& v, int64_t qmin,
-                              int64_t qmax, std::optional<int64_t>& axis);
+                              int64_t qmax, std::optional<int64_t>& axis,
+                              bool check_values = true);
 // grad of adaround_fake_quant_backward: the shape and device of w (its dtype is converted).
 void adaround_check_grad(const char* op, const at::Tensor& grad, const at::Tensor& w);
 void adaround_check_reg_args(const char* op, const at::Tensor& v, double beta);

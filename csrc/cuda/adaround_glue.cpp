@@ -1,4 +1,5 @@
-// Torch glue for the CUDA AdaRound kernels (built only against a CUDA torch).
+// Torch glue for the CUDA AdaRound kernels (built only against a CUDA torch). The forward checks
+// scale's values (one sync); the backward ops never sync (they trust the forward's check).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -61,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_fake_quant_backward_cuda(
     const at::Tensor& zero_point, const at::Tensor& v, int64_t qmin, int64_t qmax,
     std::optional<int64_t> axis, bool soft) {
   const AdaLayout lay = adaround_check_args("adaround_fake_quant_backward", w, scale, zero_point,
-                                            v, qmin, qmax, axis);
+                                            v, qmin, qmax, axis, /*check_values=*/false);
   adaround_check_grad("adaround_fake_quant_backward", grad, w);
   check_cuda("adaround_fake_quant_backward", "w", w);
   const c10::cuda::CUDAGuard guard(w.device());

@@ -7,7 +7,10 @@
 // boolean reduction read back with a single sync; on failure scale and zero_point are copied to
 // the CPU and the CPU's read_params raises the identical message. While the current stream is
 // being captured into a CUDA graph the forward skips that value check (a sync is not allowed
-// during capture); validate the parameters with an eager call first.
+// during capture); validate the parameters with an eager call first. A (scale, zero point)
+// pair that passed is remembered per thread (weak references, version counters and data
+// pointers, so a freed, modified in place or re-pointed tensor is checked again): a quantizer
+// whose parameters did not change since its last call costs no sync.
 // The backward ops (fake_quant_backward, lsq_fake_quant_backward) never sync: they are called by
 // the autograd formulas with the scale / zero point that the forward validated. Calling them
 // directly with invalid values (non-positive, non-finite or non-invertible scale, out-of-range
@@ -21,7 +24,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <tuple>
+#include <unordered_map>
 
 #include "../cpu/fake_quant_checks.h"
 #include "fake_quant.h"
@@ -74,8 +79,60 @@ DevParams raw_params(const Tensor& scale, const Tensor& zero_point) {
   return DevParams{as_f32(scale), as_f32(zero_point)};
 }
 
+// Parameters that passed the value check, keyed by the scale's TensorImpl. An entry is valid
+// while both tensors are alive (weak references), unmodified (version counters) and still hold
+// the same data (data pointers), for the same qmin / qmax / zero-point rounding.
+class ValidatedParams {
+ public:
+  bool contains(const Tensor& scale, const Tensor& zp, int64_t qmin, int64_t qmax,
+                bool round_zp) const {
+    if (!cacheable(scale, zp)) return false;
+    const auto it = entries_.find(scale.unsafeGetTensorImpl());
+    return it != entries_.end() && it->second.matches(scale, zp, qmin, qmax, round_zp);
+  }
+  void insert(const Tensor& scale, const Tensor& zp, int64_t qmin, int64_t qmax, bool round_zp) {
+    if (!cacheable(scale, zp)) return;
+    if (entries_.size() >= kMaxEntries) entries_.clear();  // bounded; rebuilt on the next calls
+    entries_.insert_or_assign(scale.unsafeGetTensorImpl(),
+                              Entry{Weak(scale.getIntrusivePtr()), Weak(zp.getIntrusivePtr()),
+                                    scale._version(), zp._version(), scale.const_data_ptr(),
+                                    zp.const_data_ptr(), qmin, qmax, round_zp});
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  static constexpr size_t kMaxEntries = 4096;
+  struct Entry {
+    Weak scale, zp;
+    int64_t scale_version, zp_version;
+    const void* scale_data;
+    const void* zp_data;
+    int64_t qmin, qmax;
+    bool round_zp;
+    bool matches(const Tensor& s, const Tensor& z, int64_t lo, int64_t hi, bool rz) const {
+      const auto ls = scale.lock();
+      const auto lz = zp.lock();
+      return ls.get() == s.unsafeGetTensorImpl() && lz.get() == z.unsafeGetTensorImpl() &&
+             scale_version == s._version() && zp_version == z._version() &&
+             scale_data == s.const_data_ptr() && zp_data == z.const_data_ptr() && qmin == lo &&
+             qmax == hi && round_zp == rz;
+    }
+  };
+  // Inference tensors have no version counter: always checked.
+  static bool cacheable(const Tensor& s, const Tensor& z) {
+    return !s.is_inference() && !z.is_inference();
+  }
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+};
+
+ValidatedParams& validated() {
+  static thread_local ValidatedParams cache;
+  return cache;
+}
+
 // Forward ops: validates scale / zero point on the device with one sync and raises the CPU's
-// message on failure. Skipped while the current stream is capturing a CUDA graph.
+// message on failure. Skipped while the current stream is capturing a CUDA graph, and for
+// parameters that passed before and have not changed since.
 DevParams device_params(const char* op, const Tensor& scale, const Tensor& zero_point,
                         int64_t qmin, int64_t qmax, bool round_zp, int64_t channels) {
   DevParams p = raw_params(scale, zero_point);
@@ -83,6 +140,7 @@ DevParams device_params(const char* op, const Tensor& scale, const Tensor& zero_
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
     return p;  // no sync allowed while capturing
   }
+  if (validated().contains(scale, zero_point, qmin, qmax, round_zp)) return p;
   Tensor bad = at::empty({1}, p.scale.options().dtype(at::kInt));
   check(cuda::fq_check_params(p.scale.const_data_ptr<float>(), p.zp.const_data_ptr<float>(),
                               channels, static_cast<float>(qmin), static_cast<float>(qmax),
@@ -92,6 +150,7 @@ DevParams device_params(const char* op, const Tensor& scale, const Tensor& zero_
     fq_checks::read_params(op, scale, zero_point, qmin, qmax, round_zp);  // throws
     TORCH_CHECK(false, "ompq.", op, ": invalid scale or zero_point");
   }
+  validated().insert(scale, zero_point, qmin, qmax, round_zp);
   return p;
 }
 

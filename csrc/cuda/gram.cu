@@ -25,9 +25,11 @@ constexpr int kPer = kTile / kThreads;     // outputs per thread per side (4)
 constexpr int kStagesPerFlush = plan::kGFlush / kK;
 static_assert(plan::kGFlush % kK == 0, "flush interval must be a multiple of the stage width");
 static_assert(kPer == 4, "each thread reads its 4 rows / 4 columns as one float4");
+static_assert(kK % 8 == 0 && kTile % 4 == 0, "load_tile's conflict-free store pattern");
 // Shared tiles are s[kk][row] with a row pitch of kTile + 4 floats: a multiple of 4 (16-byte
-// aligned float4 reads of a thread's 4 consecutive rows) that spreads the column-wise stores of
-// load_tile over 8 banks.
+// aligned float4 reads of a thread's 4 consecutive rows). load_tile's stores are conflict-free:
+// a warp writes 4 consecutive rows x 8 consecutive columns, banks (4 kk + row) mod 32 all
+// distinct.
 constexpr int kPitch = kTile + 4;
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -46,15 +48,16 @@ __global__ void column_mean_kernel(const T* __restrict__ x, int64_t n, int64_t d
 }
 
 // Load x[i0.., k0..] (kTile rows × kK cols), centred, into s[kk][row]; zero outside the matrix.
-// Consecutive threads read consecutive columns of a row (coalesced global loads).
+// Element e -> row (e / 8) % kTile, column e % 8 + 8 (e / (8 kTile)): a bijection of
+// [0, kTile kK); a warp reads 8 consecutive columns of 4 rows (32-byte segments for fp32).
 template <typename T>
 __device__ __forceinline__ void load_tile(const T* __restrict__ x, const float* __restrict__ mean,
                                           int64_t n, int64_t k_end, int64_t ld, int64_t i0,
                                           int64_t k0, float (*s)[kPitch]) {
   const int t = threadIdx.y * kThreads + threadIdx.x;
   for (int e = t; e < kTile * kK; e += kThreads * kThreads) {
-    const int row = e / kK;
-    const int kk = e % kK;
+    const int row = (e / 8) % kTile;
+    const int kk = e % 8 + 8 * (e / (8 * kTile));
     const int64_t i = i0 + row;
     const int64_t k = k0 + kk;
     float v = 0.f;
