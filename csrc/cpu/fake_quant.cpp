@@ -304,18 +304,10 @@ void fq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,
   }
 }
 
-// Per-channel constants of the LSQ backward: the out-of-range terms of grad_scale,
-// (qmin - zp) * gf and (qmax - zp) * gf, and of grad_zero_point, -scale * gf.
+// One element of the LSQ backward, in torch's operation order (terms multiplied by grad_factor
+// last, so PTQ/QAT results do not depend on how the per-channel constants are folded).
 template <typename T>
-struct LsqConst {
-  T low_gf, high_gf, neg_s_gf;
-  explicit LsqConst(const Coef<T>& k)
-      : low_gf((k.qmin - k.z) * k.gf), high_gf((k.qmax - k.z) * k.gf), neg_s_gf(-k.s * k.gf) {}
-};
-
-template <typename T>
-inline void lsq_scalar(T g, T x, T* gx, double& ds, double& dz, const Coef<T>& k,
-                       const LsqConst<T>& c) {
+inline void lsq_scalar(T g, T x, T* gx, double& ds, double& dz, const Coef<T>& k) {
   const T xq = std::nearbyint(k.z + x * k.inv);
   const bool inside = xq >= k.qmin && xq <= k.qmax;
   *gx = g * static_cast<T>(inside);
@@ -323,8 +315,9 @@ inline void lsq_scalar(T g, T x, T* gx, double& ds, double& dz, const Coef<T>& k
     const T xfq = (xq - k.z) * k.s;
     ds += static_cast<double>(((g * (xfq - x)) * k.inv) * k.gf);
   } else {
-    ds += static_cast<double>(g * ((xq > k.qmax) ? c.high_gf : c.low_gf));  // NaN: below
-    dz += static_cast<double>(g * c.neg_s_gf);
+    const T bound = (xq > k.qmax) ? (k.qmax - k.z) : (k.qmin - k.z);  // NaN counts as below
+    ds += static_cast<double>((g * bound) * k.gf);
+    dz += static_cast<double>(((g * T(-1)) * k.s) * k.gf);
   }
 }
 
@@ -341,14 +334,13 @@ template <typename T, bool kStream>
 void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,
                            double& ds, double& dz) {
   using V = Vectorized<T>;
-  const LsqConst<T> c(k);
   const V vinv(k.inv), vs(k.s), vz(k.z), vqmin(k.qmin), vqmax(k.qmax), vgf(k.gf), one(T(1));
-  const V vlow(c.low_gf), vhigh(c.high_gf), vneg_s(c.neg_s_gf), zero(T(0));
+  const V vlow(k.qmin - k.z), vhigh(k.qmax - k.z), vneg1(T(-1)), zero(T(0));
   constexpr int64_t kFlush = 512;  // vectors accumulated in T before flushing into double
   int64_t i = 0;
   if (kStream) {
     for (const int64_t h = head_to_align(gx, n); i < h; ++i) {
-      lsq_scalar(g[i], x[i], gx + i, ds, dz, k, c);
+      lsq_scalar(g[i], x[i], gx + i, ds, dz, k);
     }
   }
   V acc_s(T(0)), acc_z(T(0));
@@ -371,9 +363,9 @@ void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<
     // Inside, xq is already in [qmin, qmax]: the clamp of the scalar formula is a no-op there,
     // and the inside term is discarded (possibly NaN for infinite x) everywhere else.
     const V ds_in = ((gv * ((xq - vz) * vs - xv)) * vinv) * vgf;
-    const V ds_out = gv * vselect(vgt(xq, vqmax), vhigh, vlow);
+    const V ds_out = (gv * vselect(vgt(xq, vqmax), vhigh, vlow)) * vgf;
     acc_s = acc_s + vselect(inside, ds_in, ds_out);
-    acc_z = acc_z + vselect(inside, zero, gv * vneg_s);
+    acc_z = acc_z + vselect(inside, zero, ((gv * vneg1) * vs) * vgf);
   };
   int64_t since_flush = 0;
   for (; i + V::size() <= n; i += V::size()) {

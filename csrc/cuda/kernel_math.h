@@ -140,14 +140,13 @@ OMPQ_HD double pw(double a, double b) {
 OMPQ_HD bool finite(float a) { return sub(a, a) == 0.0f; }
 
 // ---- fake_quant / lsq_fake_quant -------------------------------------------------------------
-// Per-channel coefficients, built exactly like the CPU's read_params + coef<T> + LsqConst<T>:
+// Per-channel coefficients, built exactly like the CPU's read_params + coef<T>:
 // scale, 1/scale and the zero point in float32 (the LSQ zero point rounded half to even and
 // clamped to [qmin, qmax]), then widened to the compute type T (float or double).
 template <typename T>
 struct FqCoef {
   T s, inv, z, qmin, qmax, gf;
-  T lo, hi;                      // qmin - z, qmax - z
-  T low_gf, high_gf, neg_s_gf;   // (qmin - z) * gf, (qmax - z) * gf, -s * gf
+  T lo, hi;  // qmin - z, qmax - z
 };
 
 // True when the CPU's read_params accepts (scale, zero point) of one channel.
@@ -178,9 +177,6 @@ OMPQ_HD FqCoef<T> make_fq_coef(float s, float z_raw, float qmin, float qmax, boo
   k.gf = static_cast<T>(gf);
   k.lo = sub(k.qmin, k.z);
   k.hi = sub(k.qmax, k.z);
-  k.low_gf = mul(k.lo, k.gf);
-  k.high_gf = mul(k.hi, k.gf);
-  k.neg_s_gf = mul(-k.s, k.gf);
   return k;
 }
 
@@ -202,7 +198,8 @@ OMPQ_HD T fq_backward(T g, T x, const FqCoef<T>& k) {
 }
 
 // LSQ backward of one element: returns grad_x and writes the element's terms of grad_scale and
-// grad_zero_point (torch's learnable formulas; NaN and -Inf count as below, +Inf as above).
+// grad_zero_point (torch's learnable formulas in torch's operation order, grad_factor last, as
+// the CPU kernel; NaN and -Inf count as below, +Inf as above).
 template <typename T>
 OMPQ_HD T lsq_backward(T g, T x, const FqCoef<T>& k, T* ds, T* dz) {
   const T xq = rnd(add(k.z, mul(x, k.inv)));
@@ -211,8 +208,8 @@ OMPQ_HD T lsq_backward(T g, T x, const FqCoef<T>& k, T* ds, T* dz) {
     *ds = mul(mul(mul(g, sub(mul(sub(xq, k.z), k.s), x)), k.inv), k.gf);
     *dz = T(0);
   } else {
-    *ds = mul(g, xq > k.qmax ? k.high_gf : k.low_gf);
-    *dz = mul(g, k.neg_s_gf);
+    *ds = mul(mul(g, xq > k.qmax ? k.hi : k.lo), k.gf);
+    *dz = mul(mul(mul(g, T(-1)), k.s), k.gf);
   }
   return mul(g, inside ? T(1) : T(0));
 }
