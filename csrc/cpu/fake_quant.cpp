@@ -330,7 +330,8 @@ double hsum(const Vectorized<T>& v) {
   return s;
 }
 
-template <typename T, bool kStream>
+// kUnitGf: grad_factor == 1, whose multiplications are exact no-ops and are skipped.
+template <typename T, bool kStream, bool kUnitGf>
 void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k,
                            double& ds, double& dz) {
   using V = Vectorized<T>;
@@ -362,10 +363,19 @@ void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<
     }
     // Inside, xq is already in [qmin, qmax]: the clamp of the scalar formula is a no-op there,
     // and the inside term is discarded (possibly NaN for infinite x) everywhere else.
-    const V ds_in = ((gv * ((xq - vz) * vs - xv)) * vinv) * vgf;
-    const V ds_out = (gv * vselect(vgt(xq, vqmax), vhigh, vlow)) * vgf;
-    acc_s = acc_s + vselect(inside, ds_in, ds_out);
-    acc_z = acc_z + vselect(inside, zero, ((gv * vneg1) * vs) * vgf);
+    // Both grad_scale terms end with "* gf": selecting first and multiplying once gives the
+    // same bits as multiplying each.
+    const V ds_in = (gv * ((xq - vz) * vs - xv)) * vinv;
+    const V ds_out = gv * vselect(vgt(xq, vqmax), vhigh, vlow);
+    const V s_term = vselect(inside, ds_in, ds_out);
+    const V z_term = (gv * vneg1) * vs;
+    if constexpr (kUnitGf) {
+      acc_s = acc_s + s_term;
+      acc_z = acc_z + vselect(inside, zero, z_term);
+    } else {
+      acc_s = acc_s + s_term * vgf;
+      acc_z = acc_z + vselect(inside, zero, z_term * vgf);
+    }
   };
   int64_t since_flush = 0;
   for (; i + V::size() <= n; i += V::size()) {
@@ -386,10 +396,13 @@ void lsq_backward_seg_impl(const T* g, const T* x, T* gx, int64_t n, const Coef<
 template <typename T>
 void lsq_backward_seg(const T* g, const T* x, T* gx, int64_t n, const Coef<T>& k, double& ds,
                       double& dz, bool stream = false) {
+  const bool unit = k.gf == T(1);
   if (stream) {
-    lsq_backward_seg_impl<T, true>(g, x, gx, n, k, ds, dz);
+    unit ? lsq_backward_seg_impl<T, true, true>(g, x, gx, n, k, ds, dz)
+         : lsq_backward_seg_impl<T, true, false>(g, x, gx, n, k, ds, dz);
   } else {
-    lsq_backward_seg_impl<T, false>(g, x, gx, n, k, ds, dz);
+    unit ? lsq_backward_seg_impl<T, false, true>(g, x, gx, n, k, ds, dz)
+         : lsq_backward_seg_impl<T, false, false>(g, x, gx, n, k, ds, dz);
   }
 }
 
