@@ -37,6 +37,10 @@ __all__ = [
     "imagefolder",
     "load_dataset",
     "sample_batch",
+    "sample_input",
+    "draw_indices",
+    "stack_items",
+    "read_batches",
     "make_loader",
 ]
 
@@ -258,12 +262,49 @@ def load_dataset(spec: str, split: str = "test", **imagefolder_kwargs) -> Datase
     raise DatasetError(f"unknown dataset spec {spec!r}; valid: {_VALID_SPECS}")
 
 
-def _first_tensor(item) -> torch.Tensor:
+def sample_input(item) -> torch.Tensor:
+    """The input of one dataset item or batch: ``x`` itself or the first element of ``(x, y, …)``,
+    as a tensor (array-likes are converted). Dicts and other types raise TypeError."""
     x = item[0] if isinstance(item, (tuple, list)) else item
-    if not isinstance(x, torch.Tensor):
+    if isinstance(x, dict):
+        raise TypeError("dataset items must be a tensor x or a tuple (x, y), got a dict")
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got "
-                        f"{type(x).__name__}")
-    return x
+                        f"{type(x).__name__}") from err
+
+
+def draw_indices(count: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` distinct indices of ``range(count)`` in an order fixed by ``seed`` (local generator:
+    the first ``n`` of a seeded random permutation)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(count, generator=gen)[:n]
+
+
+def stack_items(dataset, idx: torch.Tensor) -> torch.Tensor:
+    """Stack the inputs of ``dataset[i]`` for ``i`` in ``idx`` (in that order; a TensorDataset is
+    indexed directly)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0][idx].clone()
+    return torch.stack([sample_input(dataset[int(i)]) for i in idx])
+
+
+def read_batches(batches, n: int) -> tuple[Optional[torch.Tensor], int]:
+    """Concatenate the inputs of an iterable of batches (tensors or ``(x, y)``) until they hold at
+    least ``n`` samples; returns the pool (None when there were no batches) and its size."""
+    out, have = [], 0
+    for batch in batches:
+        x = sample_input(batch)
+        if x.dim() == 0:
+            raise ValueError("each batch must have the batch on dim 0")
+        out.append(x)
+        have += x.shape[0]
+        if have >= n:
+            break
+    return (torch.cat(out) if out else None), have
 
 
 def sample_batch(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
@@ -274,11 +315,7 @@ def sample_batch(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
     if n > size:
         raise ValueError(f"cannot draw n={n} samples without replacement from a dataset of "
                          f"{size}; use n <= {size}")
-    gen = torch.Generator().manual_seed(int(seed))
-    idx = torch.randperm(size, generator=gen)[:n]
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[0][idx].clone()
-    return torch.stack([_first_tensor(dataset[int(i)]) for i in idx])
+    return stack_items(dataset, draw_indices(size, n, seed))
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, seed: int = 0,

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .data import draw_indices, read_batches, stack_items
 from .layers import LayerInfo, Patterns, call_model, find_layers, first_tensor, layer_info
 from .orm import MIN_SAMPLES, feature_gram, flatten_samples, orm_from_grams
 
@@ -151,16 +152,9 @@ class Profile:
 
 
 # ----------------------------------------------------------------------------- sampling
-def _stack_item(item: Any) -> Tensor:
-    x = item[0] if isinstance(item, (tuple, list)) else item
-    if isinstance(x, dict):
-        raise TypeError("dataset items must be a tensor x or a tuple (x, y), got a dict")
-    return torch.as_tensor(x)
-
-
 def _draw(count: int, num_samples: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(count, generator=gen)[:num_samples].sort().values
+    """The drawn indices, sorted (the samples keep their order in the data)."""
+    return draw_indices(count, num_samples, seed).sort().values
 
 
 def sample_inputs(inputs: Any, num_samples: int, seed: int) -> Tensor:
@@ -188,21 +182,12 @@ def sample_inputs(inputs: Any, num_samples: int, seed: int) -> Tensor:
         if count < num_samples:
             raise ValueError(f"the dataset has {count} samples, fewer than "
                              f"num_samples = {num_samples}")
-        return torch.stack([_stack_item(inputs[i]) for i in _draw(count, num_samples, seed)])
+        return stack_items(inputs, _draw(count, num_samples, seed))
     if isinstance(inputs, Iterable) and not isinstance(inputs, (str, dict)):
-        batches, have = [], 0
-        for batch in inputs:
-            x = _stack_item(batch)
-            if x.dim() == 0:
-                raise ValueError("each batch must have the batch on dim 0")
-            batches.append(x)
-            have += x.shape[0]
-            if have >= num_samples:
-                break
+        pool, have = read_batches(inputs, num_samples)
         if have < num_samples:
             raise ValueError(f"the batches hold {have} samples, fewer than "
                              f"num_samples = {num_samples}")
-        pool = torch.cat(batches)
         return pool[_draw(pool.shape[0], num_samples, seed).to(pool.device)]
     raise TypeError("inputs must be a tensor (N×...), a Dataset (items x or (x, y)) or an "
                     f"iterable of batches, got {type(inputs).__name__}")

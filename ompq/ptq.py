@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .data import draw_indices, read_batches, stack_items
 from .quantizers import (ActQuantizer, QUANT_LAYER_TYPES, QUANTIZABLE_TYPES, WeightQuantizer,
                          calibrate_activations, fold_bn, quantize_, set_act_quant)
 
@@ -56,33 +57,23 @@ def sample_inputs(data: Any, num_samples: int, seed: int = 0) -> Tensor:
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    g = torch.Generator().manual_seed(seed)
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
         data = data[0]
     if isinstance(data, Tensor):
         _warn_short(data.size(0), num_samples)
-        idx = torch.randperm(data.size(0), generator=g)[:num_samples]
-        return data[idx]
+        return data[draw_indices(data.size(0), num_samples, seed)]
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and \
             not isinstance(data, torch.utils.data.DataLoader):
         n = len(data)
         if n == 0:
             raise ValueError("calibration dataset is empty")
         _warn_short(n, num_samples)
-        idx = torch.randperm(n, generator=g)[:num_samples].tolist()
-        items = [data[i] for i in idx]
-        return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
-    out, got = [], 0
-    for batch in data:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        out.append(x)
-        got += x.size(0)
-        if got >= num_samples:
-            break
-    if not out:
+        return stack_items(data, draw_indices(n, num_samples, seed))
+    pool, got = read_batches(data, num_samples)
+    if pool is None:
         raise ValueError("calibration data yielded no batches")
     _warn_short(got, num_samples)
-    return torch.cat(out)[:num_samples]
+    return pool[:num_samples]
 
 
 def _warn_short(available: int, num_samples: int) -> None:
