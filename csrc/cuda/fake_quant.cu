@@ -272,6 +272,39 @@ __global__ void __launch_bounds__(plan::kFinThreads)
   }
 }
 
+// Finalise for channels with M <= 32 partials: one warp per channel, lane l reads partial l,
+// a fixed shuffle tree adds them (bitwise reproducible; no block barriers).
+__global__ void lsq_finalize_warp_kernel(const double* __restrict__ part_s,
+                                         const double* __restrict__ part_z, plan::FinMap map,
+                                         int64_t channels, void* out_s, bool s_double,
+                                         void* out_z, bool z_double) {
+  const int lane = threadIdx.x % plan::kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / plan::kWarp);
+  for (int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / plan::kWarp;
+       c < channels; c += warps) {  // warp-uniform loop
+    double s = 0.0, z = 0.0;
+    if (lane < map.M) {
+      const int64_t slot = plan::fin_slot(map, c, lane);
+      s = rows::ldg(part_s + slot);
+      z = rows::ldg(part_z + slot);
+    }
+    s = rows::warp_sum(s);
+    z = rows::warp_sum(z);
+    if (lane == 0) {
+      if (s_double) {
+        static_cast<double*>(out_s)[c] = s;
+      } else {
+        static_cast<float*>(out_s)[c] = static_cast<float>(s);
+      }
+      if (z_double) {
+        static_cast<double*>(out_z)[c] = z;
+      } else {
+        static_cast<float*>(out_z)[c] = static_cast<float>(z);
+      }
+    }
+  }
+}
+
 __global__ void check_params_kernel(const float* __restrict__ scale, const float* __restrict__ zp,
                                     int64_t channels, float qmin, float qmax, bool round_zp,
                                     int* bad) {
@@ -387,7 +420,12 @@ cudaError_t lsq_backward(const void* g, const void* x, void* gx, FqDType dtype,
   const plan::FinMap map = plan::row_fin_map(p);
   const int64_t chunks = plan::fin_chunks(map.M);
   auto grid = [](int64_t blocks) { return static_cast<int>(blocks > 65535 ? 65535 : blocks); };
-  if (chunks > 1) {  // two levels: chunk sums into level2, then one block per channel
+  if (plan::fin_by_warp(map.M)) {
+    const int64_t warps_per_block = plan::kFinThreads / plan::kWarp;
+    lsq_finalize_warp_kernel<<<grid((shape.channels + warps_per_block - 1) / warps_per_block),
+                               plan::kFinThreads, 0, stream>>>(
+        part_s, part_z, map, shape.channels, out_s, out_s_double, out_z, out_z_double);
+  } else if (chunks > 1) {  // two levels: chunk sums into level2, then one block per channel
     double* l2_s = scratch + 2 * slots;
     double* l2_z = l2_s + shape.channels * chunks;
     lsq_finalize_kernel<<<grid(shape.channels * chunks), plan::kFinThreads, 0, stream>>>(

@@ -172,6 +172,15 @@ OMPQ_HD int64_t lsq_scratch_doubles(const RowPlan& p) {
   return 2 * partial_slots(p) + (chunks > 1 ? 2 * p.channels * chunks : 0);
 }
 
+// Closed form of partial m of channel c (the cursor below steps through the same slots).
+OMPQ_HD int64_t fin_slot(const FinMap& f, int64_t c, int64_t m) {
+  const int64_t u = m / f.S;
+  return c * f.cstride + u * f.ustride + (m - u * f.S);
+}
+// Channels with at most kWarp partials are finalised by one warp each (lane l adds partial l,
+// then a fixed shuffle tree), not by a block of kFinThreads threads.
+OMPQ_HD bool fin_by_warp(int64_t M) { return M <= kWarp; }
+
 struct FinCursor {
   int64_t m, end, seg, slot;  // current m (< end while valid), m % S, its slot
   int64_t dseg, dslot, wrap;  // per-step increments

@@ -174,7 +174,8 @@ std::vector<double> emulate_level(const pl::FinMap& f, int64_t chunks, int64_t C
            pl::fin_next(f, &cur)) {
         // The incremental slot equals the closed form slot(c, m).
         const int64_t closed = c * f.cstride + (cur.m / f.S) * f.ustride + cur.m % f.S;
-        bad_cursor += !(cur.m == expect_m && cur.slot == closed && cur.seg == cur.m % f.S);
+        bad_cursor += !(cur.m == expect_m && cur.slot == closed && cur.seg == cur.m % f.S &&
+                        pl::fin_slot(f, c, cur.m) == closed);
         expect_m += pl::kFinThreads;
         ++(*read)[cur.slot];
         sh[t] += part[cur.slot];
@@ -190,10 +191,35 @@ std::vector<double> emulate_level(const pl::FinMap& f, int64_t chunks, int64_t C
   return out;
 }
 
-// The whole LSQ finalise (one level, or two when M > kFinChunk); returns the C channel sums.
+// lsq_finalize_warp_kernel (M <= kWarp): warp c, lane l reads partial l, then the fixed
+// shuffle tree (v += v[l + off] for off = 16, ..., 1; the sum ends in lane 0).
+std::vector<double> emulate_warp_finalise(const pl::FinMap& f, int64_t C,
+                                          const std::vector<double>& part,
+                                          std::vector<int>* read) {
+  std::vector<double> out(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    double lane[pl::kWarp] = {};
+    for (int l = 0; l < pl::kWarp; ++l) {
+      if (l < f.M) {
+        const int64_t slot = pl::fin_slot(f, c, l);
+        ++(*read)[slot];
+        lane[l] = part[slot];
+      }
+    }
+    for (int off = pl::kWarp / 2; off > 0; off /= 2) {
+      for (int l = 0; l + off < pl::kWarp; ++l) lane[l] += lane[l + off];
+    }
+    out[c] = lane[0];
+  }
+  return out;
+}
+
+// The whole LSQ finalise (one warp per channel when M <= kWarp, else one level, or two when
+// M > kFinChunk); returns the C channel sums.
 std::vector<double> emulate_finalise(const pl::RowPlan& p, const std::vector<double>& part,
                                      std::vector<int>* read) {
   const pl::FinMap f = pl::row_fin_map(p);
+  if (pl::fin_by_warp(f.M)) return emulate_warp_finalise(f, p.channels, part, read);
   const int64_t chunks = pl::fin_chunks(f.M);
   if (chunks == 1) return emulate_level(f, 1, p.channels, part, read);
   const std::vector<double> l2 = emulate_level(f, chunks, p.channels, part, read);
