@@ -278,8 +278,9 @@ def sample_input(item) -> torch.Tensor:
 
 
 def draw_indices(count: int, n: int, seed: int) -> torch.Tensor:
-    """``n`` distinct indices of ``range(count)`` in an order fixed by ``seed`` (local generator:
-    the first ``n`` of a seeded random permutation)."""
+    """``min(n, count)`` distinct indices of ``range(count)`` in an order fixed by ``seed`` (local
+    generator: the first ``n`` of a seeded random permutation). Callers decide what too few
+    samples means: `sample_batch` and `profile` raise, PTQ calibration warns and uses them all."""
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randperm(count, generator=gen)[:n]
 

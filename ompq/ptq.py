@@ -113,11 +113,14 @@ def find_blocks(model: nn.Module, example_input: Tensor) -> list[str]:
     if not todo and isinstance(model, QUANTIZABLE_TYPES):
         return [""]
     blocks: list[str] = []
+    first_call: dict[str, int] = {}
     while todo:
-        info = _trace_calls(model, todo, example_input)
+        # The found blocks are traced again so that the last round ranks all of them.
+        info = _trace(model, blocks + todo, example_input)
+        first_call = {n: rank for n, (_, _, rank) in info.items()}
         nxt = []
         for name in todo:
-            calls, ok_io = info[name]
+            calls, ok_io, _ = info[name]
             if calls == 1 and ok_io:
                 blocks.append(name)
                 continue
@@ -128,43 +131,41 @@ def find_blocks(model: nn.Module, example_input: Tensor) -> list[str]:
                                  "quantizable layer called exactly once")
             nxt.extend(candidates(mod, name + "."))
         todo = nxt
-    order = _trace_order(model, blocks, example_input)
-    return sorted(blocks, key=lambda b: order[b])
+    return sorted(blocks, key=lambda b: first_call[b])
 
 
-def _trace_calls(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple[int, bool]]:
-    info = {n: [0, True] for n in names}
-    handles = []
-    for n in names:
-        def hook(mod, inp, out, n=n):
+def _trace(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple[int, bool, int]]:
+    """One no-grad forward of x with hooks on the named submodules. Per name: how many times it
+    was called, whether every call took one tensor and returned a tensor, and the rank of its
+    first call among the named modules (-1 if never called)."""
+    info = {n: [0, True, -1] for n in names}
+    started = [0]
+
+    def pre_hook(n: str):
+        def hook(mod, inp) -> None:
+            if info[n][2] < 0:
+                info[n][2] = started[0]
+                started[0] += 1
+        return hook
+
+    def hook(n: str):
+        def fn(mod, inp, out) -> None:
             info[n][0] += 1
             if len(inp) != 1 or not isinstance(inp[0], Tensor) or not isinstance(out, Tensor):
                 info[n][1] = False
-        handles.append(model.get_submodule(n).register_forward_hook(hook))
+        return fn
+
+    handles = []
+    for n in names:
+        sub = model.get_submodule(n)
+        handles += [sub.register_forward_pre_hook(pre_hook(n)), sub.register_forward_hook(hook(n))]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return {n: (c, ok) for n, (c, ok) in info.items()}
-
-
-def _trace_order(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, int]:
-    order: dict[str, int] = {}
-    def pre_hook(n: str):
-        def hook(mod, inp) -> None:
-            order.setdefault(n, len(order))
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+    return {n: (c, ok, first) for n, (c, ok, first) in info.items()}
 
 
 @torch.no_grad()

@@ -190,26 +190,6 @@ inline Vectorized<T> vmax_or_lo(const Vectorized<T>& a, const Vectorized<T>& lo)
 #endif
 }
 
-// min(a, hi) for a without NaN lanes.
-template <typename T>
-inline Vectorized<T> vmin(const Vectorized<T>& a, const Vectorized<T>& hi) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same<T, float>::value) {
-    return _mm512_min_ps(a, hi);
-  } else {
-    return _mm512_min_pd(a, hi);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same<T, float>::value) {
-    return _mm256_min_ps(a, hi);
-  } else {
-    return _mm256_min_pd(a, hi);
-  }
-#else
-  return vselect(vle(a, hi), a, hi);
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
 // Element kernels on contiguous segments that share one channel. T is float or double.
 //
@@ -234,7 +214,8 @@ void fq_forward_seg_impl(const T* x, T* y, int64_t n, const Coef<T>& k) {
   using V = Vectorized<T>;
   const V vinv(k.inv), vs(k.s), vlo(k.qmin - k.z), vhi(k.qmax - k.z), pzero(T(0));
   auto quant = [&](const V& xv) {
-    return vmin(vmax_or_lo((xv * vinv).round() + pzero, vlo), vhi) * vs;
+    // clamp_max is one MINPS here (its operand order only matters for NaN, already gone).
+    return at::vec::clamp_max(vmax_or_lo((xv * vinv).round() + pzero, vlo), vhi) * vs;
   };
   int64_t i = 0;
   if (kStream) {
