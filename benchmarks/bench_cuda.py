@@ -40,7 +40,12 @@ def nominal_bandwidth_gbs(device: torch.device) -> float | None:
     clock_khz = getattr(p, "memory_clock_rate", 0)
     bus_bits = getattr(p, "memory_bus_width", 0)
     if not clock_khz or not bus_bits:
-        return None
+        try:  # older torch does not expose these; CuPy reads the same CUDA device attributes
+            import cupy  # type: ignore[import-not-found]
+            props = cupy.cuda.runtime.getDeviceProperties(device.index or 0)
+            clock_khz, bus_bits = props["memoryClockRate"], props["memoryBusWidth"]
+        except Exception:  # noqa: BLE001  (no CuPy, or it cannot read the device)
+            return None
     return 2.0 * clock_khz * 1e3 * (bus_bits / 8) / 1e9
 
 

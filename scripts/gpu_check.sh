@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU and a CUDA build of torch: build ompq with its CUDA kernels, check
-# that every op has a CUDA kernel, run the kernel tests (CPU and CUDA) and the GPU benchmark.
-# Logs and JSON go to $OUT (the device tool's output folder) or build/gpu_check. Needs no network:
-# only torch, pytest, hypothesis and numpy (ortools is not imported by the kernels).
-set -euo pipefail
+# that every op has a CUDA kernel, run the CUDA kernel tests, the GPU benchmark, a memcheck of a few
+# kernel tests, then the CPU kernel tests. Logs and JSON go to $OUT (the device tool's output
+# folder) or build/gpu_check. Needs no network: only torch, pytest, hypothesis and numpy (ortools
+# is not imported by the kernels). The extension is built in place (no pip), so PYTHONPATH=$ROOT.
+set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="${OUT:-$ROOT/build/gpu_check}"
 PY="${PYTHON:-python3}"
 mkdir -p "$DEST"
 cd "$ROOT"
-"$PY" - <<'PYEOF'
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+t0=$SECONDS
+stamp() { echo "== [$((SECONDS - t0)) s] $*"; }
+arch=$("$PY" - <<'PYEOF'
 import torch
 assert torch.cuda.is_available() and torch.version.cuda, "gpu_check.sh: needs a CUDA GPU and a CUDA torch"
-print("torch", torch.__version__, "CUDA", torch.version.cuda, "device", torch.cuda.get_device_name())
+major, minor = torch.cuda.get_device_capability()
+import sys
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "device",
+      torch.cuda.get_device_name(), file=sys.stderr)
+print(f"{major}.{minor}")
 PYEOF
-echo "== build (log: $DEST/build.log)"
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
-  > "$DEST/build.log" 2>&1 || { tail -50 "$DEST/build.log"; exit 1; }
-"$PY" - <<'PYEOF'
+) || exit 1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
+nvcc --version | tail -1
+stamp "build for sm $TORCH_CUDA_ARCH_LIST (log: $DEST/build.log)"
+MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace > "$DEST/build.log" 2>&1 || {
+  grep -n -B2 -A6 "error" "$DEST/build.log" | head -150; tail -30 "$DEST/build.log"; exit 1; }
+stamp "registered kernels"
+"$PY" - <<'PYEOF' || exit 1
 import torch
 import ompq.ops
 ops = ["fake_quant", "fake_quant_backward", "lsq_fake_quant", "lsq_fake_quant_backward",
@@ -27,13 +39,27 @@ missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for all", len(ops), "ops")
 PYEOF
-echo "== tests"
-set +e
-"$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_fake_quant.py \
-  tests/test_ops_gram_adaround.py 2>&1 | tee "$DEST/pytest.log"
+stamp "CUDA tests"
+"$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_ops_cuda.py 2>&1 \
+  | tee "$DEST/pytest_cuda.log"
 status=${PIPESTATUS[0]}
-set -e
-rm -rf .hypothesis
-echo "== benchmark"
+stamp "benchmark"
 "$PY" benchmarks/bench_cuda.py --json "$DEST/bench_cuda.json" 2>&1 | tee "$DEST/bench_cuda.log"
-exit "$status"
+bench=${PIPESTATUS[0]}
+if command -v compute-sanitizer > /dev/null; then
+  stamp "memcheck of a few CUDA tests (at most ${MEMCHECK_S:-150} s)"
+  timeout "${MEMCHECK_S:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PY" -m pytest -q -p no:cacheprovider -x tests/test_ops_cuda.py \
+    -k "layouts or many_channels or noncontiguous or float64 or adaround_matches or gram_matches" \
+    > "$DEST/memcheck.log" 2>&1
+  echo "memcheck exit status $? (0 clean, 9 errors found, 124 timed out)"
+  grep -m 20 "=========" "$DEST/memcheck.log" || true
+  tail -3 "$DEST/memcheck.log"
+fi
+stamp "CPU kernel tests (at most ${CPU_TESTS_S:-120} s)"
+timeout "${CPU_TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short \
+  tests/test_ops_fake_quant.py tests/test_ops_gram_adaround.py > "$DEST/pytest_cpu.log" 2>&1
+echo "CPU tests exit status $?"; tail -3 "$DEST/pytest_cpu.log"
+rm -rf .hypothesis
+stamp "done: CUDA tests exit $status, benchmark exit $bench"
+[ "$status" = 0 ] && [ "$bench" = 0 ]
