@@ -32,6 +32,11 @@ def _extension():
         cxx.append("-march=native")
     extra = {"cxx": cxx}
     define_macros = [("Py_LIMITED_API", "0x03090000")]
+    # --exclude-libs,ALL: if the toolchain links a static libstdc++ into _C.so (some compiler
+    # wrappers add -static-libstdc++), keep that copy private. Otherwise the loader binds half of
+    # it (locale data) to the process's libstdc++.so and half (code) to the copy, and streaming a
+    # number into an error message crashes (seen with torch 2.11 on a CUDA image).
+    link = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
     if use_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_glue.cpp")
         # No --use_fast_math: it flushes denormals (scales down to ~3e-39 are valid) and changes
@@ -40,10 +45,10 @@ def _extension():
         define_macros.append(("OMPQ_WITH_CUDA", "1"))
         return CUDAExtension("ompq._C", sources, extra_compile_args=extra,
                              define_macros=define_macros, py_limited_api=True,
-                             extra_link_args=["-fopenmp"])
+                             extra_link_args=link)
     return CppExtension("ompq._C", sources, extra_compile_args=extra,
                         define_macros=define_macros, py_limited_api=True,
-                        extra_link_args=["-fopenmp"])
+                        extra_link_args=link)
 
 
 setup(

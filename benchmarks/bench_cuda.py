@@ -78,10 +78,22 @@ def interleaved(cases: dict[str, Case], rounds: int, reps: int,
 
 
 def _fwd_bwd(fn: Callable[..., torch.Tensor], x: torch.Tensor, g: torch.Tensor,
-             *params: torch.Tensor) -> Case:
+             *params: torch.Tensor, update: bool = False) -> Case:
+    """One training-like step: leaf tensors made once, their grads reset (set to None) per call.
+
+    Without `update` the parameters stay unchanged between calls, so ompq's forward finds them
+    validated and does not sync. With `update` each call first changes them in place (`add_(0)`,
+    as an optimizer step would), so ompq's forward re-checks their values: one sync per call."""
+    xr = x.detach().requires_grad_()
+    ps = [p.detach().requires_grad_() for p in params]
+
     def run() -> None:
-        xr = x.detach().requires_grad_()
-        ps = [p.detach().requires_grad_() for p in params]
+        for t in (xr, *ps):
+            t.grad = None
+        if update:
+            with torch.no_grad():
+                for p in ps:
+                    p.add_(0)
         fn(xr, *ps).backward(g)
     return run
 
@@ -123,11 +135,16 @@ def fake_quant_cases(x: torch.Tensor, axis: int | None, qmin: int, qmax: int
         "ompq lsq fwd+bwd": _fwd_bwd(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis),
                                      x, g, s, z),
         "torch learnable fwd+bwd": _fwd_bwd(t_lsq, x, g, s, z),
+        "ompq lsq fwd+bwd, params updated": _fwd_bwd(
+            lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis), x, g, s, z, update=True),
+        "torch learnable, params updated": _fwd_bwd(t_lsq, x, g, s, z, update=True),
     }
     moved = {"clone": 2 * nb, "ompq fake_quant fwd": 2 * nb, "torch fwd": 2 * nb,
              "ompq fake_quant_backward op": 3 * nb, "ompq lsq_fake_quant_backward op": 3 * nb,
              "ompq fake_quant fwd+bwd": 5 * nb, "torch fwd+bwd": 5 * nb,
-             "ompq lsq fwd+bwd": 5 * nb, "torch learnable fwd+bwd": 5 * nb}
+             "ompq lsq fwd+bwd": 5 * nb, "torch learnable fwd+bwd": 5 * nb,
+             "ompq lsq fwd+bwd, params updated": 5 * nb,
+             "torch learnable, params updated": 5 * nb}
     return cases, moved
 
 
@@ -138,7 +155,7 @@ def fake_quant_table(title: str, x: torch.Tensor, axis: int | None, qmin: int, q
     clone_bw = moved["clone"] / med["clone"] / 1e9
     rows = []
     print(f"\n{title}")
-    print(f"{'case':34s} {'median us':>10s} {'GB/s':>8s} {'% nominal':>10s} {'% clone':>8s}")
+    print(f"{'case':36s} {'median us':>10s} {'GB/s':>8s} {'% nominal':>10s} {'% clone':>8s}")
     for name, t in med.items():
         bw = moved[name] / t / 1e9
         row = {"case": name, "median_us": t * 1e6, "gb_per_s": bw,
@@ -146,11 +163,12 @@ def fake_quant_table(title: str, x: torch.Tensor, axis: int | None, qmin: int, q
                "pct_of_nominal": None if peak is None else 100 * bw / peak}
         rows.append(row)
         nom = "" if peak is None else f"{row['pct_of_nominal']:.1f}"
-        print(f"{name:34s} {t * 1e6:10.1f} {bw:8.1f} {nom:>10s} {row['pct_of_clone']:8.1f}")
+        print(f"{name:36s} {t * 1e6:10.1f} {bw:8.1f} {nom:>10s} {row['pct_of_clone']:8.1f}")
     by = {r["case"]: r for r in rows}
     for ours, theirs in [("ompq fake_quant fwd", "torch fwd"),
                          ("ompq fake_quant fwd+bwd", "torch fwd+bwd"),
-                         ("ompq lsq fwd+bwd", "torch learnable fwd+bwd")]:
+                         ("ompq lsq fwd+bwd", "torch learnable fwd+bwd"),
+                         ("ompq lsq fwd+bwd, params updated", "torch learnable, params updated")]:
         by[ours]["speedup_vs_torch"] = by[theirs]["median_us"] / by[ours]["median_us"]
         print(f"  {ours} vs {theirs}: {by[ours]['speedup_vs_torch']:.2f}x")
     return {"rows": rows}
