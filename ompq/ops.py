@@ -2,8 +2,10 @@
 
 Each wrapper calls the compiled op when the extension (and that op) is present and otherwise the
 plain-PyTorch reference in `ompq.reference`. `HAS_EXTENSION` says whether `ompq._C` loaded.
-Autograd formulas and fake (meta) kernels for the compiled ops are registered here so the ops
-work with autograd and `torch.compile`.
+Fake (meta) kernels for the compiled ops, and the autograd formulas of the AdaRound and Gram ops,
+are registered here so the ops work with autograd and `torch.compile`; fake_quant and
+lsq_fake_quant, called on every weight and activation of every PTQ/QAT step, have their autograd
+in C++ (csrc/autograd.cpp).
 """
 from __future__ import annotations
 
@@ -39,13 +41,17 @@ def has_op(name: str) -> bool:
         return False
 
 
-def _register(op: str, fake, backward, setup_context, backward_fake=None) -> None:
-    """Register the fake kernel and autograd formula of `ompq::<op>` (and the fake kernel of its
-    backward op `ompq::<op>_backward` when it has one)."""
+def _register(op: str, fake, backward=None, setup_context=None, backward_fake=None) -> None:
+    """Register the fake kernel of `ompq::<op>` (and of its backward op `ompq::<op>_backward`
+    when it has one) and, when given, its autograd formula.
+
+    fake_quant and lsq_fake_quant have their autograd in C++ (csrc/autograd.cpp: no interpreter
+    time per training step) and pass no formula here."""
     torch.library.register_fake(f"ompq::{op}")(fake)
     if backward_fake is not None:
         torch.library.register_fake(f"ompq::{op}_backward")(backward_fake)
-    torch.library.register_autograd(f"ompq::{op}", backward, setup_context=setup_context)
+    if backward is not None:
+        torch.library.register_autograd(f"ompq::{op}", backward, setup_context=setup_context)
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
@@ -69,7 +75,7 @@ def lsq_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax
     return reference.lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor)
 
 
-# --- fake_quant / lsq_fake_quant: fake (meta) kernels and autograd for the compiled ops --------
+# --- fake_quant / lsq_fake_quant: fake (meta) kernels (autograd: csrc/autograd.cpp) -----------
 _HAS_FAKE_QUANT = has_op("fake_quant") and has_op("fake_quant_backward")
 _HAS_LSQ = has_op("lsq_fake_quant") and has_op("lsq_fake_quant_backward")
 
@@ -115,38 +121,10 @@ def _lsq_backward_fake(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tenso
             zero_point.new_empty(zero_point.shape, dtype=zdt))
 
 
-def _fq_setup_context(ctx, inputs, output) -> None:
-    x, scale, zero_point, qmin, qmax, axis = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.qargs = (qmin, qmax, axis)
-
-
-def _fq_backward(ctx, grad: Tensor):
-    x, scale, zero_point = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
-        gx = torch.ops.ompq.fake_quant_backward(grad, x, scale, zero_point, *ctx.qargs)
-    return gx, None, None, None, None, None
-
-
-def _lsq_setup_context(ctx, inputs, output) -> None:
-    x, scale, zero_point, qmin, qmax, axis, grad_factor = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.qargs = (qmin, qmax, axis, grad_factor)
-
-
-def _lsq_backward(ctx, grad: Tensor):
-    x, scale, zero_point = ctx.saved_tensors
-    gx, gs, gz = torch.ops.ompq.lsq_fake_quant_backward(grad, x, scale, zero_point, *ctx.qargs)
-    need = ctx.needs_input_grad
-    return (gx if need[0] else None, gs if need[1] else None, gz if need[2] else None,
-            None, None, None, None)
-
-
 if _HAS_FAKE_QUANT:
-    _register("fake_quant", _fq_fake, _fq_backward, _fq_setup_context, _fq_backward_fake)
+    _register("fake_quant", _fq_fake, backward_fake=_fq_backward_fake)
 if _HAS_LSQ:
-    _register("lsq_fake_quant", _lsq_fake, _lsq_backward, _lsq_setup_context, _lsq_backward_fake)
+    _register("lsq_fake_quant", _lsq_fake, backward_fake=_lsq_backward_fake)
 
 
 def adaround_fake_quant(w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor, qmin: int,

@@ -384,6 +384,66 @@ def test_opcheck(gen):
         torch.library.opcheck(op, args)
 
 
+def test_hot_ops_have_cpp_autograd():
+    """fake_quant and lsq_fake_quant carry their autograd in C++ (csrc/autograd.cpp)."""
+    for name in ("fake_quant", "lsq_fake_quant"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ompq::{name}", "Autograd")
+    x = torch.randn(3, 4, requires_grad=True)
+    y = ops.fake_quant(x, torch.tensor([0.1]), torch.tensor([0.0]), 0, 15)
+    assert y.grad_fn.name().endswith("CppNode<ompq::(anonymous namespace)::FakeQuantFunction>")
+
+
+@pytest.mark.parametrize("which", ["x", "scale", "zero_point", "scale+zero_point"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_lsq_grads_only_for_inputs_that_need_them(which, axis, gen):
+    """Each subset of inputs that requires grad gets exactly the reference gradients; the others
+    get none (also an integer zero point, which cannot require grad)."""
+    x0 = torch.randn(5, 6, 7, generator=gen) * 2
+    c = 1 if axis is None else 6
+    s0 = torch.rand(c, generator=gen) * 0.2 + 0.05
+    z0 = torch.randint(0, 9, (c,), generator=gen).float() + 0.3
+    g = torch.randn(5, 6, 7, generator=gen)
+    g = g * ~_near_tie(x0, s0, z0.round().clamp(0, 15), axis)
+    grads = {}
+    for impl in (ops.lsq_fake_quant, reference.lsq_fake_quant):
+        x, s, z = x0.clone(), s0.clone(), z0.clone()
+        for name, t in (("x", x), ("scale", s), ("zero_point", z)):
+            t.requires_grad_(name in which.split("+"))
+        impl(x, s, z, 0, 15, axis, 0.5).backward(g)
+        grads[impl] = (x.grad, s.grad, z.grad)
+    for ours, ref in zip(grads[ops.lsq_fake_quant], grads[reference.lsq_fake_quant]):
+        assert (ours is None) == (ref is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-4)
+    # integer zero point: x and scale still get their gradients
+    x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+    zi = z0.round().to(torch.int32)
+    ops.lsq_fake_quant(x, s, zi, 0, 15, axis).backward(g)
+    assert x.grad is not None and s.grad is not None and s.grad.shape == s.shape
+
+
+def test_fake_quant_autograd_graph_and_no_grad():
+    """No graph under no_grad or without inputs that need grad; retain_graph backward twice gives
+    the same gradient twice; the saved x is checked against in-place changes."""
+    s, z = torch.tensor([0.1]), torch.tensor([0.0])
+    x = torch.randn(4, 5, requires_grad=True)
+    with torch.no_grad():
+        assert ops.fake_quant(x, s, z, 0, 15).grad_fn is None
+    assert ops.fake_quant(x.detach(), s, z, 0, 15).grad_fn is None
+    y = ops.lsq_fake_quant(x, s.clone().requires_grad_(), z, 0, 15)
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    xm = torch.randn(4, 5).requires_grad_()
+    base = xm * 1.0
+    y = ops.fake_quant(base, s, z, 0, 15)
+    with torch.no_grad():
+        base.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 class _TinyQNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
