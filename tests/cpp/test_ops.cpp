@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <torch/autograd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -163,6 +164,48 @@ void test_errors() {
                "is outside [qmin, qmax]");
 }
 
+// The C++ autograd of fake_quant / lsq_fake_quant (csrc/autograd.cpp): gradients through the
+// dispatcher equal the backward ops called directly, and only inputs that need them get one.
+void test_autograd() {
+  at::manual_seed(5);
+  Tensor x0 = at::randn({3, 4, 9}) * 0.8;
+  Tensor g = at::randn({3, 4, 9});
+  Tensor s0 = at::rand({4}) * 0.1 + 0.05;
+  Tensor z0 = at::full({4}, 2.0);
+  const c10::IValue axis(int64_t(1));
+  {
+    Tensor x = x0.clone().requires_grad_();
+    Tensor y = call("ompq::fake_quant", {x, s0, z0, int64_t(-8), int64_t(7), axis})[0].toTensor();
+    EXPECT(y.requires_grad(), "fake_quant output does not require grad");
+    Tensor gx = torch::autograd::grad({y}, {x}, {g})[0];
+    Tensor want = call("ompq::fake_quant_backward",
+                       {g, x0, s0, z0, int64_t(-8), int64_t(7), axis})[0].toTensor();
+    EXPECT(at::equal(gx, want), "fake_quant autograd grad_x differs from fake_quant_backward");
+  }
+  {
+    Tensor x = x0.clone().requires_grad_();
+    Tensor s = s0.clone().requires_grad_();
+    Tensor z = z0.clone().requires_grad_();
+    Tensor y = call("ompq::lsq_fake_quant",
+                    {x, s, z, int64_t(-8), int64_t(7), axis, 0.5})[0].toTensor();
+    auto grads = torch::autograd::grad({y}, {x, s, z}, {g});
+    Stack want = call("ompq::lsq_fake_quant_backward",
+                      {g, x0, s0, z0, int64_t(-8), int64_t(7), axis, 0.5});
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT(at::equal(grads[i], want[i].toTensor()),
+             "lsq_fake_quant autograd gradient " << i << " differs from lsq_fake_quant_backward");
+    }
+  }
+  {
+    Tensor s = s0.clone().requires_grad_();  // only the scale is learned
+    Tensor y = call("ompq::lsq_fake_quant",
+                    {x0, s, z0, int64_t(-8), int64_t(7), axis, 1.0})[0].toTensor();
+    y.backward(g);
+    EXPECT(s.grad().defined() && s.grad().sizes() == s.sizes(), "scale gradient missing");
+    EXPECT(!x0.grad().defined() && !z0.grad().defined(), "gradient for an input without grad");
+  }
+}
+
 void test_centered_gram() {
   if (!has_op("ompq::centered_gram")) return;
   at::manual_seed(3);
@@ -212,6 +255,7 @@ int main() {
     test_fake_quant({3, 2000}, 0);  // long rows: vector path across chunks
     test_fake_quant({70000}, kNone);  // several parallel chunks, per-tensor
     test_errors();
+    test_autograd();
     test_centered_gram();
     test_adaround_reg();
   } catch (const std::exception& e) {
