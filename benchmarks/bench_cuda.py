@@ -28,6 +28,7 @@ import torch
 
 from ompq import ops
 from _results import write_json  # benchmarks/_results.py: this folder is on sys.path
+from bench_gram import fp64_gram, rel_err, torch_gram
 
 Case = Callable[[], object]
 
@@ -106,46 +107,40 @@ def fake_quant_cases(x: torch.Tensor, axis: int | None, qmin: int, qmax: int
     if axis is None:
         s = (x.abs().amax() / qmax).reshape(1)
         z = torch.zeros(1, device=x.device)
-    else:
-        dims = [d for d in range(x.dim()) if d != axis]
-        s = (x.abs().amax(dim=dims) / qmax).contiguous()
-        z = torch.zeros_like(s)
-    zi = z.to(torch.int32)
-    nb = x.numel() * x.element_size()
-    if axis is None:
         sf = float(s)  # outside the timed call: float() of a CUDA tensor syncs
         t_fwd = lambda a: torch.fake_quantize_per_tensor_affine(a, sf, 0, qmin, qmax)  # noqa: E731
         t_lsq = lambda a, b, c: torch._fake_quantize_learnable_per_tensor_affine(  # noqa: E731
             a, b, c, qmin, qmax, 1.0)
     else:
+        dims = [d for d in range(x.dim()) if d != axis]
+        s = (x.abs().amax(dim=dims) / qmax).contiguous()
+        z = torch.zeros_like(s)
+        zi = z.to(torch.int32)
         t_fwd = lambda a: torch.fake_quantize_per_channel_affine(a, s, zi, axis, qmin, qmax)  # noqa: E731
         t_lsq = lambda a, b, c: torch._fake_quantize_learnable_per_channel_affine(  # noqa: E731
             a, b, c, axis, qmin, qmax, 1.0)
-    cases: dict[str, Case] = {
-        "clone": lambda: x.clone(),
-        "ompq fake_quant fwd": lambda: ops.fake_quant(x, s, z, qmin, qmax, axis),
-        "torch fwd": lambda: t_fwd(x),
-        "ompq fake_quant_backward op": lambda: torch.ops.ompq.fake_quant_backward(
-            g, x, s, z, qmin, qmax, axis),
-        "ompq lsq_fake_quant_backward op": lambda: torch.ops.ompq.lsq_fake_quant_backward(
-            g, x, s, z, qmin, qmax, axis, 1.0),
-        "ompq fake_quant fwd+bwd": _fwd_bwd(lambda a: ops.fake_quant(a, s, z, qmin, qmax, axis),
-                                            x, g),
-        "torch fwd+bwd": _fwd_bwd(t_fwd, x, g),
-        "ompq lsq fwd+bwd": _fwd_bwd(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis),
-                                     x, g, s, z),
-        "torch learnable fwd+bwd": _fwd_bwd(t_lsq, x, g, s, z),
-        "ompq lsq fwd+bwd, params updated": _fwd_bwd(
-            lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis), x, g, s, z, update=True),
-        "torch learnable, params updated": _fwd_bwd(t_lsq, x, g, s, z, update=True),
+    fq = lambda a: ops.fake_quant(a, s, z, qmin, qmax, axis)  # noqa: E731
+    lsq = lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis)  # noqa: E731
+    # name: (case, full-tensor passes it must make: 2 for a forward, 3 for a backward op, 5 for
+    # forward + backward)
+    spec: dict[str, tuple[Case, int]] = {
+        "clone": (lambda: x.clone(), 2),
+        "ompq fake_quant fwd": (lambda: fq(x), 2),
+        "torch fwd": (lambda: t_fwd(x), 2),
+        "ompq fake_quant_backward op": (lambda: torch.ops.ompq.fake_quant_backward(
+            g, x, s, z, qmin, qmax, axis), 3),
+        "ompq lsq_fake_quant_backward op": (lambda: torch.ops.ompq.lsq_fake_quant_backward(
+            g, x, s, z, qmin, qmax, axis, 1.0), 3),
+        "ompq fake_quant fwd+bwd": (_fwd_bwd(fq, x, g), 5),
+        "torch fwd+bwd": (_fwd_bwd(t_fwd, x, g), 5),
+        "ompq lsq fwd+bwd": (_fwd_bwd(lsq, x, g, s, z), 5),
+        "torch learnable fwd+bwd": (_fwd_bwd(t_lsq, x, g, s, z), 5),
+        "ompq lsq fwd+bwd, params updated": (_fwd_bwd(lsq, x, g, s, z, update=True), 5),
+        "torch learnable, params updated": (_fwd_bwd(t_lsq, x, g, s, z, update=True), 5),
     }
-    moved = {"clone": 2 * nb, "ompq fake_quant fwd": 2 * nb, "torch fwd": 2 * nb,
-             "ompq fake_quant_backward op": 3 * nb, "ompq lsq_fake_quant_backward op": 3 * nb,
-             "ompq fake_quant fwd+bwd": 5 * nb, "torch fwd+bwd": 5 * nb,
-             "ompq lsq fwd+bwd": 5 * nb, "torch learnable fwd+bwd": 5 * nb,
-             "ompq lsq fwd+bwd, params updated": 5 * nb,
-             "torch learnable, params updated": 5 * nb}
-    return cases, moved
+    nb = x.numel() * x.element_size()
+    return ({k: fn for k, (fn, _) in spec.items()},
+            {k: passes * nb for k, (_, passes) in spec.items()})
 
 
 def fake_quant_table(title: str, x: torch.Tensor, axis: int | None, qmin: int, qmax: int,
@@ -184,19 +179,11 @@ def gram_table(n: int, d: int, args: argparse.Namespace, device: torch.device) -
           f"{'torch err':>9s}")
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         x = base.to(dt)
-        xd = x.double()
-        xc64 = xd - xd.mean(0)
-        ref = xc64 @ xc64.T
-        scale = float(ref.abs().max())
-
-        def torch_gram() -> torch.Tensor:
-            xf = x.float()
-            xc = xf - xf.mean(0)
-            return xc @ xc.T
-        med = interleaved({"ompq": lambda: ops.centered_gram(x), "torch": torch_gram},
+        ref = fp64_gram(x)
+        med = interleaved({"ompq": lambda: ops.centered_gram(x), "torch": lambda: torch_gram(x)},
                           args.rounds, args.reps, device)
-        err_o = float((ops.centered_gram(x).double() - ref).abs().max()) / scale
-        err_t = float((torch_gram().double() - ref).abs().max()) / scale
+        err_o = rel_err(ops.centered_gram(x), ref)
+        err_t = rel_err(torch_gram(x), ref)
         row = {"dtype": str(dt).replace("torch.", ""), "ompq_us": med["ompq"] * 1e6,
                "torch_us": med["torch"] * 1e6, "speedup": med["torch"] / med["ompq"],
                "ompq_rel_err": err_o, "torch_rel_err": err_t}

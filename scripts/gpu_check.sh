@@ -12,6 +12,7 @@ PY="${PYTHON:-python3}"
 mkdir -p "$DEST"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+MEMCHECK_S="${MEMCHECK_S:-150}" CPU_TESTS_S="${CPU_TESTS_S:-120}"  # stage limits, s (0: skip)
 t0=$SECONDS
 stamp() { echo "== [$((SECONDS - t0)) s] $*"; }
 arch=$("$PY" - <<'PYEOF'
@@ -47,9 +48,9 @@ status=${PIPESTATUS[0]}
 stamp "benchmark"
 "$PY" benchmarks/bench_cuda.py --json "$DEST/bench_cuda.json" 2>&1 | tee "$DEST/bench_cuda.log"
 bench=${PIPESTATUS[0]}
-if [ "${MEMCHECK_S:-150}" != 0 ] && command -v compute-sanitizer > /dev/null; then
-  stamp "memcheck of a few CUDA tests (at most ${MEMCHECK_S:-150} s)"
-  timeout "${MEMCHECK_S:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+if [ "$MEMCHECK_S" != 0 ] && command -v compute-sanitizer > /dev/null; then
+  stamp "memcheck of a few CUDA tests (at most $MEMCHECK_S s)"
+  timeout "$MEMCHECK_S" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$PY" -m pytest -q -p no:cacheprovider -x tests/test_ops_cuda.py \
     -k "layouts or many_channels or noncontiguous or float64 or adaround_matches or gram_matches" \
     > "$DEST/memcheck.log" 2>&1
@@ -57,9 +58,9 @@ if [ "${MEMCHECK_S:-150}" != 0 ] && command -v compute-sanitizer > /dev/null; th
   grep -m 20 "=========" "$DEST/memcheck.log" || true
   tail -3 "$DEST/memcheck.log"
 fi
-if [ "${CPU_TESTS_S:-120}" != 0 ]; then
-  stamp "CPU kernel tests (at most ${CPU_TESTS_S:-120} s)"
-  timeout "${CPU_TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short \
+if [ "$CPU_TESTS_S" != 0 ]; then
+  stamp "CPU kernel tests (at most $CPU_TESTS_S s)"
+  timeout "$CPU_TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short \
     tests/test_ops_fake_quant.py tests/test_ops_gram_adaround.py > "$DEST/pytest_cpu.log" 2>&1
   echo "CPU tests exit status $? (124: timed out)"; tail -3 "$DEST/pytest_cpu.log"
 fi
