@@ -570,7 +570,7 @@ def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int
             raise ValueError(f"proxy {proxy!r} gave non-finite values for layer {n!r}: {row}")
         values.append(row)
     imp = {n: float(res.importance.get(n, 0.0)) for n in names}
-    return proxy, imp, values, float(res.seconds), getattr(res, "tie", None)
+    return proxy, imp, values, float(res.seconds), res.tie
 
 
 def _problem(profile: Profile, bits: Any, act_bits: Any, pin: Any, tie: Any
@@ -623,11 +623,13 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     budgets, sweep = _budgets(size_mb, bops_g)
     problem = _problem(profile, bits, act_bits, pin, tie)
     caps = [_caps(problem, s, b) for s, b in budgets]
-    proxy_name, importance, problem.values, proxy_s, proxy_tie = _values(
+    proxy_name, importance, values, proxy_s, proxy_tie = _values(
         profile, proxy, beta, problem.cand, model, data, seed)
-    if proxy_tie:  # e.g. "uniform": every layer shares one width
-        problem.groups = _tie_groups(problem.names, list(tie or []) + list(proxy_tie),
-                                     problem.cand)
+    if proxy_tie:  # e.g. "uniform": every layer shares one width, as if passed in `tie`
+        problem = _problem(profile, bits, act_bits, pin, list(tie or []) + list(proxy_tie))
+        caps = [_caps(problem, s, b) for s, b in budgets]
+        values = [{b: row[b] for b in problem.cand[n]} for n, row in zip(problem.names, values)]
+    problem.values = values
     if proxy_name in ("orm", "custom"):
         problem.weights = np.array([importance[n] for n in problem.names])
     solver = _CpSat(problem, seed, time_limit_s) if method == "ilp" else None

@@ -134,8 +134,9 @@ def test_custom_importance_and_proxy_values_brute_force(monkeypatch):
         vals = {n: {b: -((9 - b) ** 2) * (i + 1) * 0.37 for b in candidates[n]}
                 for i, n in enumerate(profile.names)}
         return types.SimpleNamespace(values=vals, importance={n: 1.0 for n in profile.names},
-                                     seconds=0.01)
+                                     seconds=0.01, tie=None)
 
+    importlib.import_module("ompq.proxies")  # else ompq.__getattr__ hands undo the fake
     fake = types.ModuleType("ompq.proxies")
     fake.proxy_values = proxy_values
     monkeypatch.setitem(sys.modules, "ompq.proxies", fake)
@@ -304,3 +305,28 @@ def test_uniform_proxy_gives_highest_uniform_width_that_fits():
         cfg = allocate(prof, size_mb=budget, bits=(2, 3, 4, 5, 6, 8), proxy="uniform")
         assert set(cfg.weight_bits.values()) == {width}
         assert cfg.proxy == "uniform" and cfg.size_mb <= budget
+
+
+@pytest.mark.parametrize("method", ["ilp", "lp-round"])
+def test_proxy_tie_narrows_candidates_like_an_explicit_tie(method):
+    # "uniform" ties every layer; A and B share only 4 bits, so the tie must narrow the
+    # candidates before the budget is checked (it once gave "raise time_limit_s" or an
+    # over-budget config)
+    layers = [LayerInfo("A", "Conv2d", 1000, 10 ** 5, (4,), (4,)),
+              LayerInfo("B", "Conv2d", 3000, 10 ** 5, (4,), (4,))]
+    prof = Profile(layers, torch.eye(2, dtype=torch.float64), 32, 0, "auto", False, {}, "two")
+    bits = {"A": (2, 4), "B": (4, 8)}
+    too_small = (2 * 1000 + 4 * 3000) / MIB  # fits 2/4 bits, not the common 4 bits
+    for tie in (None, [["A", "B"]]):
+        with pytest.raises(InfeasibleBudgetError, match="size ranges from 0.00190735 to "
+                                                        "0.00190735 MiB"):
+            allocate(prof, size_mb=too_small, bits=bits, method=method, proxy="uniform", tie=tie)
+    bits = {"A": (2, 4, 8), "B": (4, 8, 16)}  # common {4, 8}
+    for budget in (4 * 4000 / MIB, 8 * 4000 / MIB):
+        implicit = allocate(prof, size_mb=budget, bits=bits, method=method, proxy="uniform")
+        explicit = allocate(prof, size_mb=budget, bits=bits, method=method, proxy="uniform",
+                            tie=[["A", "B"]])
+        assert implicit.weight_bits == explicit.weight_bits
+        assert len(set(implicit.weight_bits.values())) == 1
+        assert implicit.size_mb <= budget and implicit.status == explicit.status
+        assert implicit.objective == explicit.objective
