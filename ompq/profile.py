@@ -334,10 +334,10 @@ def _run_input(model: nn.Module, x: Tensor, memory_format: str) -> Tensor:
     """The input of the profiling forward: channels_last for 4-D inputs of models with a Conv2d
     ("auto"; oneDNN/cuDNN convolutions run faster on it, ~1.4× for a ResNet-50 on 2 CPU
     threads, and the Grams do not depend on the layout), x itself otherwise."""
-    if memory_format == "preserve" or x.dim() != 4:
-        if memory_format == "channels_last" and x.dim() != 4:
-            raise ValueError(f"memory_format='channels_last' needs a 4-D (N, C, H, W) input, got "
-                             f"shape {tuple(x.shape)}; use 'auto' or 'preserve'")
+    if x.dim() != 4 and memory_format == "channels_last":
+        raise ValueError(f"memory_format='channels_last' needs a 4-D (N, C, H, W) input, got "
+                         f"shape {tuple(x.shape)}; use 'auto' or 'preserve'")
+    if x.dim() != 4 or memory_format == "preserve":
         return x
     if memory_format == "auto" and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return x
@@ -394,12 +394,12 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
     x = sample_inputs(inputs, num_samples, seed)
     home = _model_device(model)
     target = torch.device(device) if device is not None else home
+    was_training = model.training
     if target != home:
         model.to(target)
-    x = x.to(target)
-    x_run = _run_input(model, x, memory_format)
-    was_training = model.training
     try:
+        x = x.to(target)
+        x_run = _run_input(model, x, memory_format)
         model.eval()
         try:
             rec, t_forward = _record(model, layers, x_run, num_samples, feature, progress)

@@ -305,3 +305,23 @@ def test_profile_memory_format_falls_back_when_the_forward_needs_contiguous(gen)
     with pytest.raises(ValueError, match="needs a 4-D"):
         profile(nn.Sequential(nn.Linear(4, 4)), torch.randn(8, 4), num_samples=8,
                 progress=False, memory_format="channels_last")
+
+
+class _MoveRecorder(nn.Sequential):
+    """Records `.to(device)` calls without moving (the CPU-only CI has no second device)."""
+
+    def __init__(self, *layers):
+        super().__init__(*layers)
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(torch.device(args[0]))
+        return self
+
+
+def test_profile_moves_the_model_back_when_the_input_is_rejected():
+    net = _MoveRecorder(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="needs a 4-D"):
+        profile(net, torch.randn(8, 4), num_samples=8, progress=False, device="meta",
+                memory_format="channels_last")
+    assert net.moves == [torch.device("meta"), torch.device("cpu")]
