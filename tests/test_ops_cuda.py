@@ -12,6 +12,8 @@ import torch
 
 from ompq import ops
 
+from _helpers import fwd_bwd, gram64, rel_err
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 OPS = torch.ops.ompq
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -27,14 +29,6 @@ def _leaf(t: torch.Tensor, dev=None) -> torch.Tensor:
     t = t.detach()
     t = t.clone() if dev is None or t.device == torch.device(dev) else t.to(dev)
     return t.requires_grad_()
-
-
-def _run(fn, x, s, z, g):
-    """Forward and backward of fn; returns (y, grad_x, grad_scale, grad_zero_point)."""
-    x, s, z = _leaf(x), _leaf(s), _leaf(z)
-    y = fn(x, s, z)
-    y.backward(g)
-    return y.detach(), x.grad, s.grad, z.grad
 
 
 def _data(shape, axis, dtype, gen, special=True):
@@ -56,11 +50,11 @@ def _compare_fq(x, s, z, g, axis, sum_tol=1e-5):
             fn = lambda a, b, d: ops.lsq_fake_quant(a, b, d + 0.3, 0, 15, axis, 0.5)  # noqa: E731
         else:
             fn = lambda a, b, d: ops.fake_quant(a, b, d, 0, 15, axis)  # noqa: E731
-        cpu = _run(fn, x, s, z, g)
-        dev = _run(fn, x.cuda(), s.cuda(), z.cuda(), g.cuda())
+        cpu = fwd_bwd(fn, x, s, z, g)
+        dev = fwd_bwd(fn, x.cuda(), s.cuda(), z.cuda(), g.cuda())
         _same(dev[0], cpu[0])
         _same(dev[1], cpu[1])
-        again = _run(fn, x.cuda(), s.cuda(), z.cuda(), g.cuda())
+        again = fwd_bwd(fn, x.cuda(), s.cuda(), z.cuda(), g.cuda())
         for a, b in zip(dev, again):
             if a is not None:
                 _same(a, b)  # deterministic
@@ -285,8 +279,7 @@ def test_adaround_matches_cpu(dtype, axis, soft, gen):
 @pytest.mark.parametrize("n,d", [(2, 1), (63, 33), (65, 1000), (130, 70000)])
 def test_centered_gram_matches_reference(dtype, n, d, gen):
     x = (torch.relu(torch.randn(n, d, generator=gen)) * 3 + 5).to(dtype)
-    ref = x.double() - x.double().mean(0)
-    ref = ref @ ref.T
+    ref = gram64(x)
     dev = ops.centered_gram(x.cuda())
     again = ops.centered_gram(x.cuda())
     _same(dev, again)
@@ -298,10 +291,7 @@ def test_centered_gram_matches_reference(dtype, n, d, gen):
 def test_centered_gram_large_d_accuracy(gen):
     """N = 64, D = 200 000, post-ReLU-like with a large mean: 1e-5 relative vs fp64."""
     x = torch.relu(torch.randn(64, 200_000, generator=gen)) * 3 + 5
-    xd = x.double() - x.double().mean(0)
-    ref = xd @ xd.T
-    dev = ops.centered_gram(x.cuda()).double().cpu()
-    assert float((dev - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert rel_err(ops.centered_gram(x.cuda()).cpu(), gram64(x)) < 1e-5
 
 
 def test_opcheck_cuda(gen):

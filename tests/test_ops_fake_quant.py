@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from ompq import ops, reference
 
+from _helpers import fwd_bwd
+
 OPS = torch.ops.ompq
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -38,16 +40,6 @@ def _compiled():
 
 def _qrange(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-
-
-def _run(fn, x, s, z, g, *args):
-    """Forward and backward of fn; returns (y, grad_x, grad_scale, grad_zero_point)."""
-    x = x.detach().clone().requires_grad_()
-    s = s.detach().clone().requires_grad_()
-    z = z.detach().clone().requires_grad_()
-    y = fn(x, s, z, *args)
-    y.backward(g)
-    return y.detach(), x.grad, s.grad, z.grad
 
 
 def _torch_fq(x, s, z, qmin, qmax, axis):
@@ -135,8 +127,8 @@ def _int64_safe(x, scale, axis):
 @given(cases())
 def test_fake_quant_matches_reference_and_torch(case):
     x, s, z, qmin, qmax, axis, g = case
-    ours = _run(lambda a, b, c: ops.fake_quant(a, b, c, qmin, qmax, axis), x, s, z, g)
-    ref = _run(lambda a, b, c: reference.fake_quant(a, b, c, qmin, qmax, axis), x, s, z, g)
+    ours = fwd_bwd(lambda a, b, c: ops.fake_quant(a, b, c, qmin, qmax, axis), x, s, z, g)
+    ref = fwd_bwd(lambda a, b, c: reference.fake_quant(a, b, c, qmin, qmax, axis), x, s, z, g)
     assert torch.equal(ours[0], ref[0])
     assert torch.equal(ours[1], ref[1])
     if axis is None or _int64_safe(x, s, axis):
@@ -155,8 +147,8 @@ def test_lsq_matches_reference_and_torch(case, gf):
     # Elements within float rounding of a .5 tie of the backward's nearbyint(zp + x * inv) may be
     # classified differently by the vectorised kernel and the reference: masked out (gradient 0).
     g = g * ~_near_tie(x, s, z.round().clamp(qmin, qmax), axis)
-    ours = _run(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf), x, s, z, g)
-    ref = _run(lambda a, b, c: reference.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf),
+    ours = fwd_bwd(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf), x, s, z, g)
+    ref = fwd_bwd(lambda a, b, c: reference.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf),
                x, s, z, g)
     span = qmax - qmin + 1
     assert torch.equal(ours[0], ref[0])
@@ -172,9 +164,9 @@ def test_lsq_matches_reference_and_torch(case, gf):
         # round the other way than nearbyint(zp + x * inv) when the value is within float
         # rounding of a .5 tie. Such elements are masked out (their gradient set to 0).
         gt = g * ~_near_tie(x, s, z.round().clamp(qmin, qmax), axis)
-        ours = _run(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf), x, s, z,
+        ours = fwd_bwd(lambda a, b, c: ops.lsq_fake_quant(a, b, c, qmin, qmax, axis, gf), x, s, z,
                     gt)
-        tt = _run(lambda a, b, c: _torch_lsq(a, b, c, qmin, qmax, axis, gf), x, s, z, gt)
+        tt = fwd_bwd(lambda a, b, c: _torch_lsq(a, b, c, qmin, qmax, axis, gf), x, s, z, gt)
         assert torch.equal(ours[0], tt[0])
         assert torch.equal(ours[1], tt[1])
         _sum_close(ours[2], tt[2], gt, span)
@@ -191,8 +183,8 @@ def test_other_dtypes_match_reference(dtype, axis, gen):
     g = torch.randn(3, 37, 5, generator=gen).to(dtype)
     for op, ref in [(ops.fake_quant, reference.fake_quant),
                     (ops.lsq_fake_quant, reference.lsq_fake_quant)]:
-        a = _run(lambda p, q, r: op(p, q, r, 0, 15, axis), x, s, z, g)
-        b = _run(lambda p, q, r: ref(p, q, r, 0, 15, axis), x, s, z, g)
+        a = fwd_bwd(lambda p, q, r: op(p, q, r, 0, 15, axis), x, s, z, g)
+        b = fwd_bwd(lambda p, q, r: ref(p, q, r, 0, 15, axis), x, s, z, g)
         assert a[0].dtype == dtype
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         if op is ops.lsq_fake_quant:
@@ -233,8 +225,8 @@ def test_lsq_many_chunks_match_reference_and_are_deterministic(shape, axis, gen)
     s = torch.rand(c, generator=gen) * 0.3 + 0.05
     z = torch.randint(0, 16, (c,), generator=gen).float()
     g = torch.randn(shape, generator=gen)
-    ours = _run(lambda a, b, d: ops.lsq_fake_quant(a, b, d, 0, 15, axis, 0.7), x, s, z, g)
-    ref = _run(lambda a, b, d: reference.lsq_fake_quant(a, b, d, 0, 15, axis, 0.7), x, s, z, g)
+    ours = fwd_bwd(lambda a, b, d: ops.lsq_fake_quant(a, b, d, 0, 15, axis, 0.7), x, s, z, g)
+    ref = fwd_bwd(lambda a, b, d: reference.lsq_fake_quant(a, b, d, 0, 15, axis, 0.7), x, s, z, g)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     _sum_close(ours[2], ref[2], g, 16)
     _sum_close(ours[3], ref[3], g, float(s.max()))
@@ -292,7 +284,7 @@ def test_nan_inf_behaviour():
     want = torch.tensor([(qmin - 3) * 0.5, (qmax - 3) * 0.5, (qmin - 3) * 0.5, 1.0])
     g = torch.ones(4)
     for fn in (ops.fake_quant, reference.fake_quant, ops.lsq_fake_quant, reference.lsq_fake_quant):
-        y, gx, gs, gz = _run(lambda a, b, c: fn(a, b, c, qmin, qmax), x, s, z, g)
+        y, gx, gs, gz = fwd_bwd(lambda a, b, c: fn(a, b, c, qmin, qmax), x, s, z, g)
         assert torch.equal(y, want)
         assert torch.equal(gx, torch.tensor([0.0, 0.0, 0.0, 1.0]))
         if fn in (ops.lsq_fake_quant, reference.lsq_fake_quant):

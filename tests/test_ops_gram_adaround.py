@@ -15,20 +15,10 @@ from hypothesis import strategies as st
 
 from ompq import ops, reference
 
+from _helpers import gram64, rel_err
+
 OPS = torch.ops.ompq
 HYP = settings(max_examples=40, deadline=None, derandomize=True)
-
-
-def gram64(x: torch.Tensor) -> torch.Tensor:
-    """fp64 reference Gram of the column-centred x (flattened per sample)."""
-    xd = x.reshape(x.shape[0], -1).double()
-    xc = xd - xd.mean(0, keepdim=True)
-    return xc @ xc.T
-
-
-def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max absolute error relative to the largest entry of the reference."""
-    return float((g.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 # ------------------------------------------------------------------------------ centered_gram --

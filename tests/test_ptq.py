@@ -9,7 +9,7 @@ from torch import nn
 
 from ompq.evaluate import evaluate
 from ompq.ptq import find_blocks, ptq
-from ompq.quantizers import QuantConv, quant_layers
+from ompq.quantizers import QuantConv, quant_layers, quantizable_layers
 
 
 class TinyNet(nn.Module):
@@ -70,10 +70,6 @@ def _trained():
     return m.eval()
 
 
-def _names(m):
-    return [n for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
-
-
 def test_find_blocks_tiny_and_zoo():
     m = TinyNet()
     assert find_blocks(m, torch.randn(2, 1, 14, 14)) == ["stem.0", "res", "down.0", "fc"]
@@ -89,7 +85,7 @@ def test_ptq_8bit_close_to_fp32():
     (x, _), test = _data()
     fp = evaluate(m, test, progress=False)["top1"]
     assert fp > 70
-    q = ptq(m, {n: 8 for n in _names(m)}, x, num_samples=256, iters=20, act_iters=10,
+    q = ptq(m, {n: 8 for n, _ in quantizable_layers(m)}, x, num_samples=256, iters=20, act_iters=10,
             progress=False)
     assert len(quant_layers(q)) == 5
     assert abs(evaluate(q, test, progress=False)["top1"] - fp) <= 0.5
@@ -99,7 +95,7 @@ def test_adaround_beats_nearest_at_2_bits():
     # (this tiny net loses < 0.5 point at 3 bits with nearest rounding, so 2 bits is the test)
     m = _trained()
     (x, _), test = _data()
-    cfg = {n: 2 for n in _names(m)}
+    cfg = {n: 2 for n, _ in quantizable_layers(m)}
     rtn = ptq(m, cfg, x, num_samples=512, iters=0, act_iters=0, progress=False)
     ada = ptq(m, cfg, x, num_samples=512, iters=300, act_iters=0, batch_size=64,
               progress=False)
@@ -118,7 +114,7 @@ def test_ptq_deterministic_and_input_untouched():
     m = _trained()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     (x, _), _ = _data()
-    cfg = {n: 4 for n in _names(m)}
+    cfg = {n: 4 for n, _ in quantizable_layers(m)}
     a = ptq(m, cfg, x, num_samples=64, iters=10, act_iters=5, seed=3, progress=False)
     b = ptq(m, cfg, x, num_samples=64, iters=10, act_iters=5, seed=3, progress=False)
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):

@@ -2,12 +2,11 @@
 of FP32, and at 4 bits AdaRound reconstruction beats round-to-nearest with the same scales."""
 import functools
 
-from torch import nn
-
 from ompq import zoo
 from ompq.data import fashion_mnist
 from ompq.evaluate import evaluate
 from ompq.ptq import ptq
+from ompq.quantizers import quantizable_layers
 
 
 @functools.lru_cache(maxsize=1)
@@ -15,7 +14,7 @@ def _setup():
     model = zoo.load("resnet20")
     train, test = fashion_mnist("train"), fashion_mnist("test")
     sub = (test.tensors[0][:1000], test.tensors[1][:1000])
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = [n for n, _ in quantizable_layers(model)]
     fp = evaluate(model, sub, progress=False)["top1"]
     return model, train, sub, names, fp
 
