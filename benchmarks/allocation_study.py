@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ompq import zoo  # noqa: E402
+from ompq import proxies, zoo  # noqa: E402
 from ompq.allocate import allocate  # noqa: E402
 from ompq.data import fashion_mnist  # noqa: E402
 from ompq.evaluate import evaluate  # noqa: E402
@@ -163,21 +163,20 @@ def main(argv=None) -> int:
 def _cache_hawq(a) -> None:
     """Compute the Hessian traces once per model: allocate's sweep and the correlation reuse
     them (the recorded search time is that of the one computation)."""
-    import ompq.proxies as px
-    orig = px.proxy_values
-    cache: dict = {}
+    orig = proxies.proxy_values
+    cache: dict = {}  # keyed by the model itself (kept alive here, so never confused)
 
     def cached(proxy, prof, cand, **kw):
         if proxy != "hawq":
             return orig(proxy, prof, cand, **kw)
-        key = id(kw.get("model"))
+        key = kw.get("model")
         if key not in cache:
             kw.setdefault("num_samples", a.hawq_samples)
             kw.setdefault("max_iters", a.hawq_iters)
             cache[key] = orig(proxy, prof, BITS, **kw)
         return cache[key]
 
-    px.proxy_values = cached
+    proxies.proxy_values = cached
 
 
 def correlation(a, name, model, prof, train, ev) -> dict:
@@ -185,8 +184,7 @@ def correlation(a, name, model, prof, train, ev) -> dict:
     total = sum(layer.params for layer in prof.layers)
     size = a.corr_avg_bits * total / 8 / 2 ** 20
     orm_cfg = allocate(prof, size_mb=size, bits=BITS, proxy="orm")
-    import ompq.proxies as px
-    hawq = px.proxy_values("hawq", prof, BITS, model=model, data=train, seed=0)
+    hawq = proxies.proxy_values("hawq", prof, BITS, model=model, data=train, seed=0)
     rows = []
     for seed in range(a.corr_configs):
         cfg = allocate(prof, size_mb=size, bits=BITS, proxy="random", seed=seed + 1)
