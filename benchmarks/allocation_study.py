@@ -95,15 +95,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         prof = profile(model, train, num_samples=64, seed=0, progress=False)
         prof_s = time.perf_counter() - t0
-        names = prof.names
         total = sum(layer.params for layer in prof.layers)
         sizes = [ab * total / 8 / 2 ** 20 for ab in a.avg_bits]
         cfgs: dict[str, list] = {}
         secs: dict[str, float] = {}
         for method in ("uniform", "orm", "hawq", "random"):
-            kw = {}
-            if method == "uniform":
-                kw["tie"] = [list(names)]
+            kw = {}  # proxy="uniform" ties all layers itself
             if method == "hawq":
                 kw.update(model=model, data=train)
             t1 = time.perf_counter()
