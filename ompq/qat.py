@@ -186,7 +186,7 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
     ddp = nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
     step = start_epoch * steps_per_epoch
-    loss = torch.zeros(())
+    last = torch.zeros(())  # the latest step's loss, detached
     interrupted = False
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -202,6 +202,7 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
             loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            last = loss.detach()
             opt.step()
             sched.step()
             _clamp_scales(net)
@@ -217,13 +218,13 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
         if world > 1:
             dist.barrier()
         if rank == 0 and progress:
-            print(f"[ompq.qat] epoch {epoch + 1}/{epochs} loss {float(loss):.4f}", flush=True)
+            print(f"[ompq.qat] epoch {epoch + 1}/{epochs} loss {float(last):.4f}", flush=True)
     if created:
         dist.destroy_process_group()
     net.eval()
     if stats is not None:
         stats.update({"start_epoch": start_epoch, "steps": step, "interrupted": interrupted,
-                      "seconds": time.perf_counter() - t0, "last_loss": float(loss.detach()),
+                      "seconds": time.perf_counter() - t0, "last_loss": float(last),
                       "rank": rank, "world_size": world})
     return net
 
