@@ -286,10 +286,14 @@ def draw_indices(count: int, n: int, seed: int) -> torch.Tensor:
 
 
 def stack_items(dataset, idx: torch.Tensor) -> torch.Tensor:
-    """Stack the inputs of ``dataset[i]`` for ``i`` in ``idx`` (in that order; a TensorDataset is
-    indexed directly)."""
+    """Stack the inputs of ``dataset[i]`` for ``i`` in ``idx`` (a 1-D index tensor, in that
+    order; a TensorDataset is indexed directly, and indexing by a 1-D tensor copies, so the
+    result never aliases the dataset)."""
+    idx = torch.as_tensor(idx)
+    if idx.dim() != 1:
+        raise ValueError(f"idx must be a 1-D tensor of indices, got shape {tuple(idx.shape)}")
     if isinstance(dataset, TensorDataset):
-        return dataset.tensors[0][idx].clone()
+        return dataset.tensors[0][idx]
     return torch.stack([sample_input(dataset[int(i)]) for i in idx])
 
 

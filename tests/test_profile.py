@@ -325,3 +325,16 @@ def test_profile_moves_the_model_back_when_the_input_is_rejected():
         profile(net, torch.randn(8, 4), num_samples=8, progress=False, device="meta",
                 memory_format="channels_last")
     assert net.moves == [torch.device("meta"), torch.device("cpu")]
+
+
+def test_stack_items_copies_a_tensor_dataset():
+    from torch.utils.data import TensorDataset
+    from ompq.data import stack_items
+
+    data = TensorDataset(torch.arange(10.0).reshape(5, 2))
+    out = stack_items(data, torch.tensor([3, 1]))
+    out += 100
+    assert torch.equal(data.tensors[0], torch.arange(10.0).reshape(5, 2))
+    assert out.tolist() == [[106.0, 107.0], [102.0, 103.0]]
+    with pytest.raises(ValueError, match="1-D tensor of indices"):
+        stack_items(data, torch.tensor(1))  # a 0-d index would return a view
