@@ -53,34 +53,50 @@ def sample_inputs(data: Any, num_samples: int, seed: int = 0) -> Tensor:
 
     `data`: a tensor of inputs, a tuple/list `(inputs, labels)` of tensors, a map-style Dataset
     (items `x` or `(x, y, …)`), or an iterable of batches (tensors or `(x, y)`; the first
-    `num_samples` are taken in order).
+    `num_samples` are taken in order). Data with no sample raises ValueError; fewer than
+    `num_samples` samples warn and are all used.
     """
+    return _draw_calibration(data, num_samples, seed)
+
+
+_VALID_CALIBRATION = ("give at least 1 sample: a tensor N × … (N ≥ 1), an (inputs, labels) "
+                      "pair, a non-empty Dataset or an iterable of non-empty batches")
+
+
+def _draw_calibration(data: Any, num_samples: int, seed: int) -> Tensor:
+    """`sample_inputs`; called directly by `ptq` so that both warn at the user's line."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
         data = data[0]
     if isinstance(data, Tensor):
+        if data.dim() == 0 or data.size(0) == 0:
+            raise ValueError(f"calibration data is empty (a tensor of shape "
+                             f"{tuple(data.shape)}); {_VALID_CALIBRATION}")
         _warn_short(data.size(0), num_samples)
         return data[draw_indices(data.size(0), num_samples, seed)]
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and \
             not isinstance(data, torch.utils.data.DataLoader):
         n = len(data)
         if n == 0:
-            raise ValueError("calibration dataset is empty")
+            raise ValueError(f"calibration data is empty (a Dataset of length 0); "
+                             f"{_VALID_CALIBRATION}")
         _warn_short(n, num_samples)
         return stack_items(data, draw_indices(n, num_samples, seed))
     pool, got = read_batches(data, num_samples)
-    if pool is None:
-        raise ValueError("calibration data yielded no batches")
+    if pool is None or got == 0:
+        what = "no batches" if pool is None else "batches of 0 samples"
+        raise ValueError(f"calibration data is empty (it yielded {what}); {_VALID_CALIBRATION}")
     _warn_short(got, num_samples)
     return pool[:num_samples]
 
 
 def _warn_short(available: int, num_samples: int) -> None:
-    """Say so when the calibration data holds fewer samples than asked for (all are used)."""
+    """Say so when the calibration data holds fewer samples than asked for (all are used);
+    the warning points at the line that called `sample_inputs` or `ptq`."""
     if available < num_samples:
         warnings.warn(f"calibration data holds {available} samples, fewer than num_samples = "
-                      f"{num_samples}; calibrating on all {available}", UserWarning, stacklevel=3)
+                      f"{num_samples}; calibrating on all {available}", UserWarning, stacklevel=4)
 
 
 def _has_quant_layer(m: nn.Module) -> bool:
@@ -284,7 +300,7 @@ def ptq(model: nn.Module, bit_config: Any, calib_data: Any, *, num_samples: int 
     act_iters = (5000 if on_gpu else 100) if act_iters is None else int(act_iters)
     if not adaround:
         iters = 0
-    x = sample_inputs(calib_data, num_samples, seed).to(dev)
+    x = _draw_calibration(calib_data, num_samples, seed).to(dev)
     fp = copy.deepcopy(model).to(dev).eval()
     fold_bn(fp, x[:min(8, x.size(0))])
     for prm in fp.parameters():

@@ -128,3 +128,26 @@ def test_sample_inputs_warns_when_the_data_is_short():
     with pytest.warns(UserWarning, match="fewer than num_samples = 20"):
         x = sample_inputs(torch.randn(10, 3), 20)
     assert x.shape == (10, 3)
+
+
+@pytest.mark.parametrize("data", [
+    torch.empty(0, 3), (torch.empty(0, 3), torch.empty(0)), [torch.empty(0, 3)] * 2,
+    iter([]), torch.utils.data.TensorDataset(torch.empty(0, 3)), torch.tensor(1.0)],
+    ids=["tensor", "pair", "empty-batches", "no-batches", "dataset", "0-d"])
+def test_sample_inputs_rejects_empty_calibration_data(data):
+    from ompq.ptq import sample_inputs
+    with pytest.raises(ValueError, match=r"calibration data is empty \(.*\); give at least 1 "
+                                         "sample: a tensor N"):
+        sample_inputs(data, 4)
+
+
+def test_short_calibration_warning_points_at_the_callers_line():
+    from ompq.ptq import sample_inputs
+    with pytest.warns(UserWarning, match="calibrating on all 6") as rec:
+        sample_inputs([torch.randn(6, 3)], 8)
+    assert rec[0].filename == __file__
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="calibrating on all 6") as rec:
+        ptq(m, {"0": 8, "2": 8}, torch.randn(6, 3), num_samples=8, iters=0, act_iters=0,
+            progress=False)
+    assert [w.filename for w in rec if "calibrating" in str(w.message)] == [__file__]
