@@ -129,11 +129,10 @@ def find_blocks(model: nn.Module, example_input: Tensor) -> list[str]:
     if not todo and isinstance(model, QUANTIZABLE_TYPES):
         return [""]
     blocks: list[str] = []
-    first_call: dict[str, int] = {}
+    info: dict[str, tuple[int, bool, int]] = {}
     while todo:
         # The found blocks are traced again so that the last round ranks all of them.
         info = _trace(model, blocks + todo, example_input)
-        first_call = {n: rank for n, (_, _, rank) in info.items()}
         nxt = []
         for name in todo:
             calls, ok_io, _ = info[name]
@@ -147,7 +146,7 @@ def find_blocks(model: nn.Module, example_input: Tensor) -> list[str]:
                                  "quantizable layer called exactly once")
             nxt.extend(candidates(mod, name + "."))
         todo = nxt
-    return sorted(blocks, key=lambda b: first_call[b])
+    return sorted(blocks, key=lambda b: info[b][2])  # rank of the first call, last round
 
 
 def _trace(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple[int, bool, int]]:
