@@ -109,6 +109,7 @@ inline int64_t head_to_align(const T* p, int64_t n) {
 // Argument checks: csrc/cpu/fake_quant_checks.h (shared with the CUDA glue).
 using fq_checks::check_and_layout;
 using fq_checks::check_grad;
+using fq_checks::check_grad_factor;
 using fq_checks::Layout;
 using fq_checks::Params;
 using fq_checks::read_params;
@@ -396,9 +397,18 @@ constexpr int64_t kMaxChunks = 64;
 
 int64_t num_chunks(const Layout& l) {
   int64_t k = std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, l.numel / kMinChunk));
-  // Bound the per-chunk, per-channel partial sums to ~1M doubles.
+  // At most 2^20 / C chunks. This cap once bounded a dense chunks x C array of partial sums
+  // (ChunkSlots replaced it and needs no cap). It stays because the chunk bounds fix the order
+  // in which the LSQ reductions add their partial sums: changing it would change grad_scale /
+  // grad_zero_point in the last bits.
   k = std::min<int64_t>(k, std::max<int64_t>(1, (int64_t(1) << 20) / l.channels));
   return k;
+}
+
+// First element of chunk k of `chunks` equal chunks of [0, numel) (chunk k is
+// [chunk_begin(k), chunk_begin(k + 1))).
+inline int64_t chunk_begin(int64_t numel, int64_t chunks, int64_t k) {
+  return numel * k / chunks;
 }
 
 // Calls f(chunk, begin, length, channel) for every run of elements that share one channel.
@@ -409,8 +419,8 @@ void for_each_run(const Layout& l, F&& f) {
   const int64_t chunks = num_chunks(l);
   at::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
     for (int64_t k = kb; k < ke; ++k) {
-      const int64_t b = n * k / chunks;
-      const int64_t e = n * (k + 1) / chunks;
+      const int64_t b = chunk_begin(n, chunks, k);
+      const int64_t e = chunk_begin(n, chunks, k + 1);
       int64_t pos = b;
       int64_t row = b / l.inner;
       while (pos < e) {
@@ -438,7 +448,8 @@ struct ChunkSlots {
     rows.resize(chunks);
     offset.resize(chunks);
     for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t b = l.numel * k / chunks, e = l.numel * (k + 1) / chunks;
+      const int64_t b = chunk_begin(l.numel, chunks, k);
+      const int64_t e = chunk_begin(l.numel, chunks, k + 1);
       first_row[k] = b / l.inner;
       rows[k] = e > b ? (e - 1) / l.inner - first_row[k] + 1 : 0;
       offset[k] = total;
@@ -595,8 +606,7 @@ std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cpu(
   const char* op = "lsq_fake_quant_backward";
   const Layout l = check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
   check_grad(op, grad_, x_);
-  TORCH_CHECK(std::isfinite(grad_factor), "ompq.", op, ": grad_factor must be finite, got ",
-              grad_factor);
+  check_grad_factor(op, grad_factor);
   const Params p = read_params(op, scale, zero_point, qmin, qmax, true);
   const Tensor x = x_.contiguous();
   const Tensor grad = grad_.contiguous();

@@ -133,6 +133,12 @@ inline Params read_params(const char* op, const Tensor& scale, const Tensor& zer
 }
 
 
+// The LSQ backward's gradient scale factor (any finite value; NaN and +-Inf are rejected).
+inline void check_grad_factor(const char* op, double grad_factor) {
+  TORCH_CHECK(std::isfinite(grad_factor), "ompq.", op, ": grad_factor must be finite, got ",
+              grad_factor);
+}
+
 inline void check_grad(const char* op, const Tensor& grad, const Tensor& x) {
   TORCH_CHECK(grad.sizes() == x.sizes(), "ompq.", op, ": grad has shape ", grad.sizes(),
               " but x has shape ", x.sizes());

@@ -182,40 +182,61 @@ Tensor lsq_fake_quant_cuda(const Tensor& x, const Tensor& scale, const Tensor& z
   return forward_cuda("lsq_fake_quant", x, scale, zero_point, qmin, qmax, axis, true);
 }
 
+// Argument checks of the backward ops, in order: layout, grad, grad_factor (LSQ only), CUDA x.
+Layout backward_checks(const char* op, const Tensor& grad_, const Tensor& x_,
+                       const Tensor& scale, const Tensor& zero_point, int64_t qmin, int64_t qmax,
+                       c10::optional<int64_t> axis, c10::optional<double> grad_factor) {
+  const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
+  fq_checks::check_grad(op, grad_, x_);
+  if (grad_factor.has_value()) fq_checks::check_grad_factor(op, *grad_factor);
+  check_cuda_x(op, x_);
+  return l;
+}
+
+// Shared prologue of the backward ops: the checks above, then, with x's device current for the
+// whole op (the guard lives as long as this object), the raw parameters, contiguous x and grad
+// and an uninitialised gx like x. Members are initialised in this order.
+struct BackwardArgs {
+  BackwardArgs(const char* op, const Tensor& grad_, const Tensor& x_, const Tensor& scale,
+               const Tensor& zero_point, int64_t qmin, int64_t qmax,
+               c10::optional<int64_t> axis, c10::optional<double> grad_factor)
+      : l(backward_checks(op, grad_, x_, scale, zero_point, qmin, qmax, axis, grad_factor)),
+        guard(x_.device()),
+        p(raw_params(scale, zero_point)),  // validated by the forward (see top)
+        x(x_.contiguous()),
+        g(grad_.contiguous()),
+        gx(at::empty_like(x)) {}
+  const Layout l;
+  const c10::cuda::CUDAGuard guard;
+  const DevParams p;
+  const Tensor x, g;
+  Tensor gx;
+};
+
 Tensor fake_quant_backward_cuda(const Tensor& grad_, const Tensor& x_, const Tensor& scale,
                                 const Tensor& zero_point, int64_t qmin, int64_t qmax,
                                 c10::optional<int64_t> axis) {
   const char* op = "fake_quant_backward";
-  const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
-  fq_checks::check_grad(op, grad_, x_);
-  check_cuda_x(op, x_);
-  c10::cuda::CUDAGuard guard(x_.device());
-  const DevParams p = raw_params(scale, zero_point);  // validated by the forward (see top)
-  const Tensor x = x_.contiguous();
-  const Tensor g = grad_.contiguous();
-  Tensor gx = at::empty_like(x);
-  check(cuda::fake_quant_backward(g.const_data_ptr(), x.const_data_ptr(), gx.mutable_data_ptr(),
-                                  dtype_of(x), p.scale.const_data_ptr<float>(),
-                                  p.zp.const_data_ptr<float>(), shape_of(l),
+  BackwardArgs a(op, grad_, x_, scale, zero_point, qmin, qmax, axis, c10::nullopt);
+  check(cuda::fake_quant_backward(a.g.const_data_ptr(), a.x.const_data_ptr(),
+                                  a.gx.mutable_data_ptr(), dtype_of(a.x),
+                                  a.p.scale.const_data_ptr<float>(),
+                                  a.p.zp.const_data_ptr<float>(), shape_of(a.l),
                                   static_cast<float>(qmin), static_cast<float>(qmax), stream()),
         op);
-  return gx;
+  return a.gx;
 }
 
 std::tuple<Tensor, Tensor, Tensor> lsq_fake_quant_backward_cuda(
     const Tensor& grad_, const Tensor& x_, const Tensor& scale, const Tensor& zero_point,
     int64_t qmin, int64_t qmax, c10::optional<int64_t> axis, double grad_factor) {
   const char* op = "lsq_fake_quant_backward";
-  const Layout l = fq_checks::check_and_layout(op, x_, scale, zero_point, qmin, qmax, axis);
-  fq_checks::check_grad(op, grad_, x_);
-  TORCH_CHECK(std::isfinite(grad_factor), "ompq.", op, ": grad_factor must be finite, got ",
-              grad_factor);
-  check_cuda_x(op, x_);
-  c10::cuda::CUDAGuard guard(x_.device());
-  const DevParams p = raw_params(scale, zero_point);  // validated by the forward (see top)
-  const Tensor x = x_.contiguous();
-  const Tensor g = grad_.contiguous();
-  Tensor gx = at::empty_like(x);
+  BackwardArgs a(op, grad_, x_, scale, zero_point, qmin, qmax, axis, grad_factor);
+  const Layout& l = a.l;
+  const DevParams& p = a.p;
+  const Tensor& x = a.x;
+  const Tensor& g = a.g;
+  Tensor& gx = a.gx;
   const cuda::FqShape shape = shape_of(l);
   const auto dopts = x.options().dtype(at::kDouble);
   Tensor scratch = at::empty({cuda::lsq_scratch_doubles(shape)}, dopts);
