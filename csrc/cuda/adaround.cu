@@ -20,8 +20,7 @@ constexpr int kMaxBlocks = 4096;
 constexpr int kRegBlocks = 1024;
 
 int blocks_for(int64_t numel) {
-  const int64_t b = (numel + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
+  return plan::capped_blocks((numel + kThreads - 1) / kThreads, kMaxBlocks);
 }
 
 template <typename T>
@@ -216,8 +215,7 @@ cudaError_t reg_backward_impl(const T* grad, const T* v, int64_t numel, double b
 }  // namespace
 
 int adaround_reg_partials(int64_t numel) {
-  const int64_t b = (numel + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 1 ? 1 : (b > kRegBlocks ? kRegBlocks : b));
+  return plan::capped_blocks((numel + kThreads - 1) / kThreads, kRegBlocks);
 }
 
 cudaError_t adaround_forward(const float* w, const float* v, const float* scale, const float* zp,

@@ -208,8 +208,7 @@ __global__ void __launch_bounds__(plan::kBlock)
     sh_s[t] = ds;
     sh_z[t] = dz;
     __syncthreads();
-    const int64_t group = tile % p.groups, otile = tile / p.groups;
-    const int64_t c = group * p.kc + t;
+    const int64_t c = st.group * p.kc + t;  // st.group / st.otile are set for every t
     if (t < p.kc && c < p.channels) {
       // Fixed order: phase by phase, element by element of the channel's columns.
       double s = 0.0, z = 0.0;
@@ -220,11 +219,20 @@ __global__ void __launch_bounds__(plan::kBlock)
           z += sh_z[idx];
         }
       }
-      const int64_t slot = plan::slot_of(p, otile, c, 0);
+      const int64_t slot = plan::slot_of(p, st.otile, c, 0);
       part_s[slot] = s;
       part_z[slot] = z;
     }
     __syncthreads();
+  }
+}
+
+// out[i] = v, stored as float64 when dbl, else rounded to float32.
+__device__ __forceinline__ void store_out(void* out, bool dbl, int64_t i, double v) {
+  if (dbl) {
+    static_cast<double*>(out)[i] = v;
+  } else {
+    static_cast<float*>(out)[i] = static_cast<float>(v);
   }
 }
 
@@ -257,16 +265,8 @@ __global__ void __launch_bounds__(plan::kFinThreads)
       __syncthreads();
     });
     if (t == 0) {
-      if (s_double) {
-        static_cast<double*>(out_s)[b] = sh_s[0];
-      } else {
-        static_cast<float*>(out_s)[b] = static_cast<float>(sh_s[0]);
-      }
-      if (z_double) {
-        static_cast<double*>(out_z)[b] = sh_z[0];
-      } else {
-        static_cast<float*>(out_z)[b] = static_cast<float>(sh_z[0]);
-      }
+      store_out(out_s, s_double, b, sh_s[0]);
+      store_out(out_z, z_double, b, sh_z[0]);
     }
     __syncthreads();  // sh_* reused by the next block index
   }
@@ -291,16 +291,8 @@ __global__ void lsq_finalize_warp_kernel(const double* __restrict__ part_s,
     s = rows::warp_sum(s);
     z = rows::warp_sum(z);
     if (lane == 0) {
-      if (s_double) {
-        static_cast<double*>(out_s)[c] = s;
-      } else {
-        static_cast<float*>(out_s)[c] = static_cast<float>(s);
-      }
-      if (z_double) {
-        static_cast<double*>(out_z)[c] = z;
-      } else {
-        static_cast<float*>(out_z)[c] = static_cast<float>(z);
-      }
+      store_out(out_s, s_double, c, s);
+      store_out(out_z, z_double, c, z);
     }
   }
 }
@@ -419,7 +411,7 @@ cudaError_t lsq_backward(const void* g, const void* x, void* gx, FqDType dtype,
   // Empty x: M = 0 partials, the finalise writes zeros.
   const plan::FinMap map = plan::row_fin_map(p);
   const int64_t chunks = plan::fin_chunks(map.M);
-  auto grid = [](int64_t blocks) { return static_cast<int>(blocks > 65535 ? 65535 : blocks); };
+  auto grid = [](int64_t blocks) { return plan::capped_blocks(blocks, 65535); };  // blocks >= 1
   if (plan::fin_by_warp(map.M)) {
     const int64_t warps_per_block = plan::kFinThreads / plan::kWarp;
     lsq_finalize_warp_kernel<<<grid((shape.channels + warps_per_block - 1) / warps_per_block),

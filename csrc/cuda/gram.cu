@@ -17,6 +17,7 @@ namespace ompq {
 namespace cuda {
 namespace {
 
+using plan::capped_blocks;
 using plan::GramPlan;
 constexpr int kTile = plan::kGTile;        // output tile (kTile × kTile)
 constexpr int kK = plan::kGK;              // k steps per shared-memory stage
@@ -138,15 +139,13 @@ __global__ void gram_finalize_kernel(const double* __restrict__ partial, GramPla
   const int64_t nn = g.n * g.n;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < nn;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx / g.n, j = idx - (idx / g.n) * g.n;
+    const int64_t i = idx / g.n, j = idx - i * g.n;
     double s = 0.0;
-    for (int64_t sl = 0; sl < g.slices; ++sl) s += partial[plan::gram_partial_index(g, i, j, sl)];
+    // Slice sl's partial of (i, j) is at gram_partial_index(g, i, j, 0) + sl * kGSliceStride.
+    int64_t k = plan::gram_partial_index(g, i, j, 0);
+    for (int64_t sl = 0; sl < g.slices; ++sl, k += plan::kGSliceStride) s += partial[k];
     out[idx] = static_cast<float>(s);
   }
-}
-
-int capped_blocks(int64_t want, int64_t cap) {
-  return static_cast<int>(want < 1 ? 1 : (want > cap ? cap : want));
 }
 
 template <typename T>

@@ -18,23 +18,29 @@ constexpr int64_t kSeg = 1024;       // elements per warp item (long rows)
 constexpr int64_t kLongMin = 256;    // rows of at least this many elements use warp items
 constexpr int64_t kIters = 32;       // iterations per tile (short rows)
 
+// Host: a grid of `want` blocks clamped to [1, cap]. Every kernel grid-strides over its work
+// and no partition depends on the grid size, so the cap changes no result.
+inline int capped_blocks(int64_t want, int64_t cap) {
+  return static_cast<int>(want < 1 ? 1 : (want > cap ? cap : want));
+}
+
 // x viewed as [outer, C, inner]; a "row" is the `inner` contiguous elements of one (o, c).
 //
 // Long rows (inner >= kLongMin): work items are (row, segment of <= kSeg elements); one warp
 // processes one item (lanes stride through it, coalesced), so the channel is constant per item.
-// Partial sums: one slot per item, slot = (o * C + c) * S + seg with S = segments per row.
+// Partial sums: one slot per item, slot = (o * C + c) * segs + seg (segs = segments per row).
 //
 // Short rows: a tile is (channel group g, outer tile ot). A group is kc = floor(kBlock / inner)
 // consecutive channels (W = kc * inner contiguous columns of an outer row); when one group holds
 // all C channels, a tile iteration covers rpi consecutive outer rows at once. Thread t owns one
 // column (hence one channel) and walks kIters iterations down the outer rows: consecutive threads
-// read consecutive addresses. Partial sums: one slot per (ot, c), slot = ot * C + c (S = 1).
+// read consecutive addresses. Partial sums: one slot per (ot, c), slot = ot * C + c (segs = 1).
 struct RowPlan {
   int64_t outer = 0, channels = 1, inner = 1, numel = 0;
   bool long_rows = false;
-  int64_t segs = 1, items = 0;                                    // long rows
+  int64_t segs = 1, items = 0;  // segments per row (1 for short rows), warp items (long rows)
   int64_t kc = 1, width = 1, rpi = 1, rows_per_tile = 1, groups = 0, otiles = 0, tiles = 0;
-  int64_t U = 0, S = 1;  // partial slots: U * C * S
+  int64_t U = 0;  // partial slots: U * C * segs
 };
 
 OMPQ_HD RowPlan make_row_plan(int64_t outer, int64_t channels, int64_t inner) {
@@ -49,7 +55,6 @@ OMPQ_HD RowPlan make_row_plan(int64_t outer, int64_t channels, int64_t inner) {
     p.segs = (inner + kSeg - 1) / kSeg;
     p.items = outer * channels * p.segs;
     p.U = outer;
-    p.S = p.segs;
   } else {
     p.kc = kBlock / inner;
     if (p.kc > channels) p.kc = channels;
@@ -60,12 +65,11 @@ OMPQ_HD RowPlan make_row_plan(int64_t outer, int64_t channels, int64_t inner) {
     p.otiles = (outer + p.rows_per_tile - 1) / p.rows_per_tile;
     p.tiles = p.groups * p.otiles;
     p.U = p.otiles;
-    p.S = 1;
   }
   return p;
 }
 
-OMPQ_HD int64_t partial_slots(const RowPlan& p) { return p.U * p.channels * p.S; }
+OMPQ_HD int64_t partial_slots(const RowPlan& p) { return p.U * p.channels * p.segs; }
 
 // Long rows: item -> channel c and element range [begin, end).
 OMPQ_HD void long_item(const RowPlan& p, int64_t item, int64_t* c, int64_t* begin,
@@ -90,11 +94,13 @@ OMPQ_HD void pack_split(int64_t b, int64_t e, int64_t shift, int64_t N, int64_t*
   *ve = h + ((e - h) & ~(N - 1));
 }
 
-// Short rows: thread t of tile -> its first element, its channel, its first outer row and the
-// flat-index step per iteration. Returns false when the thread has no column in this tile.
+// Short rows: thread t of tile -> the tile's channel group and outer tile (set for every t),
+// then its first element, its channel, its first outer row and the flat-index step per
+// iteration. Returns false when the thread has no column in this tile (base, c, o0 and step
+// are then unset; group and otile are still valid).
 struct ShortThread {
+  int64_t group, otile;  // the tile's channel group and outer tile
   int64_t base, c, o0, step;
-  int64_t group, otile, local;  // channel group, outer tile, channel index inside the group
 };
 
 OMPQ_HD bool short_thread(const RowPlan& p, int64_t tile, int t, ShortThread* st) {
@@ -103,8 +109,8 @@ OMPQ_HD bool short_thread(const RowPlan& p, int64_t tile, int t, ShortThread* st
   if (t >= p.rpi * p.width) return false;
   const int64_t col = t % p.width;
   const int64_t phase = t / p.width;
-  st->local = col / p.inner;
-  st->c = st->group * p.kc + st->local;
+  const int64_t local = col / p.inner;  // channel index inside the group
+  st->c = st->group * p.kc + local;
   if (st->c >= p.channels) return false;
   st->o0 = st->otile * p.rows_per_tile + phase;
   const int64_t row_len = p.channels * p.inner;
@@ -124,7 +130,7 @@ OMPQ_HD int64_t short_iters(const RowPlan& p, const ShortThread& st) {
 
 // Slot of the partial sum of (outer unit u, channel c, segment seg).
 OMPQ_HD int64_t slot_of(const RowPlan& p, int64_t u, int64_t c, int64_t seg) {
-  return (u * p.channels + c) * p.S + seg;
+  return (u * p.channels + c) * p.segs + seg;
 }
 
 // ---- LSQ finalise ----------------------------------------------------------------------------
@@ -143,13 +149,13 @@ constexpr int64_t kFinChunk = 2048;
 struct FinMap {
   int64_t M = 0, S = 1, cstride = 0, ustride = 0;
 };
-// The row kernels' partials: slot_of(p, u, c, seg) with m = u * S + seg.
+// The row kernels' partials: slot_of(p, u, c, seg) with m = u * segs + seg.
 OMPQ_HD FinMap row_fin_map(const RowPlan& p) {
   FinMap f;
-  f.M = p.U * p.S;
-  f.S = p.S;
-  f.cstride = p.S;
-  f.ustride = p.channels * p.S;
+  f.M = p.U * p.segs;
+  f.S = p.segs;
+  f.cstride = p.segs;
+  f.ustride = p.channels * p.segs;
   return f;
 }
 // Level-2 partials of a two-level finalise: channel-major, `chunks` per channel.
@@ -275,6 +281,9 @@ OMPQ_HD int64_t gram_partial_index(const GramPlan& g, int64_t i, int64_t j, int6
   const int64_t p = gram_pair_index(g, bi, bj);
   return ((p * g.slices + s) * kGTile + (a - bi * kGTile)) * kGTile + (b - bj * kGTile);
 }
+// Step between the partials of one entry in consecutive slices (from the formula above):
+// gram_partial_index(g, i, j, s) == gram_partial_index(g, i, j, 0) + s * kGSliceStride.
+constexpr int64_t kGSliceStride = int64_t(kGTile) * kGTile;
 
 }  // namespace plan
 }  // namespace ompq

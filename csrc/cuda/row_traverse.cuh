@@ -175,8 +175,7 @@ inline int row_blocks(const plan::RowPlan& p) {
   const int64_t want = p.long_rows ? (p.items + plan::kBlock / plan::kWarp - 1) /
                                          (plan::kBlock / plan::kWarp)
                                    : p.tiles;
-  const int64_t cap = 16384;
-  return static_cast<int>(want < 1 ? 1 : (want > cap ? cap : want));
+  return plan::capped_blocks(want, 16384);
 }
 
 // Sum of v over the 32 lanes in a fixed tree; the result is valid in lane 0.

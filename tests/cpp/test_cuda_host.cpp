@@ -80,19 +80,28 @@ void test_fq_math(std::vector<int64_t> shape, int64_t axis, at::ScalarType dt) {
   Tensor lgx = lb[0].toTensor(), lgs = lb[1].toTensor(), lgz = lb[2].toTensor();
   const T* xp = x.data_ptr<T>();
   const T* gp = g.data_ptr<T>();
+  const T* yp = y.data_ptr<T>();
+  const T* gxp = gx.data_ptr<T>();
+  const T* ylp = yl.data_ptr<T>();
+  const T* lgxp = lgx.data_ptr<T>();
+  // Per-channel coefficients of fake_quant (k) and lsq_fake_quant (kl), built once.
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const float* zlp = zl.data_ptr<float>();
+  std::vector<km::FqCoef<T>> k, kl;
+  for (int64_t c = 0; c < C; ++c) {
+    k.push_back(km::make_fq_coef<T>(sp[c], zp[c], qmin, qmax, false, 1.0f));
+    kl.push_back(km::make_fq_coef<T>(sp[c], zlp[c], qmin, qmax, true, 0.37f));
+  }
   std::vector<double> ss(C, 0.0), sz(C, 0.0);
   int bad_y = 0, bad_gx = 0, bad_yl = 0, bad_lgx = 0;
   for (int64_t i = 0; i < x.numel(); ++i) {
     const int64_t c = (i / inner) % C;
-    const auto k = km::make_fq_coef<T>(s[c].item<float>(), z[c].item<float>(), qmin, qmax, false,
-                                       1.0f);
-    const auto kl = km::make_fq_coef<T>(s[c].item<float>(), zl[c].item<float>(), qmin, qmax,
-                                        true, 0.37f);
-    bad_y += !same_bits(km::fq_forward<T>(xp[i], k), y.data_ptr<T>()[i]);
-    bad_gx += !same_bits(km::fq_backward<T>(gp[i], xp[i], k), gx.data_ptr<T>()[i]);
-    bad_yl += !same_bits(km::fq_forward<T>(xp[i], kl), yl.data_ptr<T>()[i]);
+    bad_y += !same_bits(km::fq_forward<T>(xp[i], k[c]), yp[i]);
+    bad_gx += !same_bits(km::fq_backward<T>(gp[i], xp[i], k[c]), gxp[i]);
+    bad_yl += !same_bits(km::fq_forward<T>(xp[i], kl[c]), ylp[i]);
     T a, b;
-    bad_lgx += !same_bits(km::lsq_backward<T>(gp[i], xp[i], kl, &a, &b), lgx.data_ptr<T>()[i]);
+    bad_lgx += !same_bits(km::lsq_backward<T>(gp[i], xp[i], kl[c], &a, &b), lgxp[i]);
     ss[c] += a;
     sz[c] += b;
   }
@@ -133,18 +142,24 @@ void test_ada_math(bool soft, int64_t axis) {
   c10::IValue ax = axis < 0 ? c10::IValue() : c10::IValue(axis);
   Tensor y = call("ompq::adaround_fake_quant", {w, s, z, v, 0, 15, ax, soft})[0].toTensor();
   Stack b = call("ompq::adaround_fake_quant_backward", {g, w, s, z, v, 0, 15, ax, soft});
+  const T* sp = s.data_ptr<T>();
+  const T* zp = z.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* gp = g.data_ptr<T>();
+  const T* yp = y.data_ptr<T>();
+  const Tensor bgw = b[0].toTensor(), bgv = b[1].toTensor();
+  const T* gwp = bgw.data_ptr<T>();
+  const T* gvp = bgv.data_ptr<T>();
   double max_rel = 0;
   int bad = 0;
   for (int64_t i = 0; i < w.numel(); ++i) {
     const int64_t c = (i / inner) % C;
-    const T sc = s.data_ptr<T>()[c], zc = z.data_ptr<T>()[c];
-    const T* wp = w.data_ptr<T>();
-    const T* vp = v.data_ptr<T>();
+    const T sc = sp[c], zc = zp[c];
     const T yi = km::ada_forward<T>(wp[i], vp[i], sc, zc, T(0), T(15), soft);
     T gw, gv;
-    km::ada_backward<T>(g.data_ptr<T>()[i], wp[i], vp[i], sc, zc, T(0), T(15), soft, &gw, &gv);
-    const T ey = y.data_ptr<T>()[i], egw = b[0].toTensor().data_ptr<T>()[i],
-            egv = b[1].toTensor().data_ptr<T>()[i];
+    km::ada_backward<T>(gp[i], wp[i], vp[i], sc, zc, T(0), T(15), soft, &gw, &gv);
+    const T ey = yp[i], egw = gwp[i], egv = gvp[i];
     if (!soft) {
       bad += !same_bits(yi, ey) + !same_bits(gw, egw) + !same_bits(gv, egv);
     } else {
@@ -248,7 +263,7 @@ void test_finalise(int64_t outer, int64_t C, int64_t inner, bool expect_two_leve
   for (int64_t c = 0; c < C; ++c) {
     double d = 0;
     for (int64_t u = 0; u < p.U; ++u)
-      for (int64_t seg = 0; seg < p.S; ++seg) d += part[pl::slot_of(p, u, c, seg)];
+      for (int64_t seg = 0; seg < p.segs; ++seg) d += part[pl::slot_of(p, u, c, seg)];
     max_err = std::max(max_err, std::abs(fin[c] - d) / (1 + std::abs(d)));
   }
   const bool two = pl::fin_chunks(pl::row_fin_map(p).M) > 1;
@@ -300,9 +315,14 @@ void test_row_plan(int64_t outer, int64_t C, int64_t inner) {
   } else {
     for (int64_t tile = 0; tile < p.tiles; ++tile) {
       std::vector<double> sh(pl::kBlock, 0.0);
+      int64_t group = -1, otile = -1;  // the tile's, from short_thread (set for every t)
       for (int t = 0; t < pl::kBlock; ++t) {
         pl::ShortThread st;
-        if (!pl::short_thread(p, tile, t, &st)) continue;
+        const bool has_column = pl::short_thread(p, tile, t, &st);
+        chan_ok &= t == 0 || (st.group == group && st.otile == otile);
+        group = st.group;
+        otile = st.otile;
+        if (!has_column) continue;
         // The kernels' walk: short_iters(p, st) elements base, base + step, ...
         const int64_t iters = pl::short_iters(p, st);
         chan_ok &= iters <= pl::kIters && (iters == 0 || st.o0 + (iters - 1) * p.rpi < outer) &&
@@ -313,7 +333,6 @@ void test_row_plan(int64_t outer, int64_t C, int64_t inner) {
           sh[t] += val(i);
         }
       }
-      const int64_t group = tile % p.groups, otile = tile / p.groups;
       for (int t = 0; t < p.kc; ++t) {
         const int64_t c = group * p.kc + t;
         if (c >= C) continue;
@@ -368,7 +387,8 @@ void test_gram_plan(int64_t n, int64_t d) {
         bad += idx < 0 || idx >= total ||
                idx != ((p * g.slices + s) * pl::kGTile + a % pl::kGTile) * pl::kGTile +
                           b % pl::kGTile ||
-               idx != pl::gram_partial_index(g, j, i, s);
+               idx != pl::gram_partial_index(g, j, i, s) ||
+               idx != pl::gram_partial_index(g, i, j, 0) + s * pl::kGSliceStride;
       }
   EXPECT(bad == 0, "gram partial index n=" << n << " d=" << d);
 }
@@ -441,8 +461,8 @@ int main() {
                                {33, 17, 129}, {5, 4, 256},   {2, 3, 2049}, {1000, 1, 3},
                                {65, 257, 1},  {4, 1, 100000}, {9, 2, 128}};
   for (const auto& s : shapes) test_row_plan(s[0], s[1], s[2]);
-  // Two-level finalise, walked element by element: per-tensor 4M (S = 977, U = 4) and
-  // S = 2 partials per row (the cursor's wrap) with M = 3000.
+  // Two-level finalise, walked element by element: per-tensor 4M (segs = 977, U = 4) and
+  // segs = 2 partials per row (the cursor's wrap) with M = 3000.
   test_row_plan(4, 1, 1000000);
   test_row_plan(1500, 2, 1100);
   // Finalise alone: one level at the boundary, two levels for long and short rows.
@@ -451,7 +471,7 @@ int main() {
   test_finalise(64 * 64, 1, 56 * 56, true);     // the activation tensor, per-channel-like rows
   test_finalise(1, 1, 64 * 64 * 56 * 56, true);  // the activation tensor, per tensor
   test_finalise(512, 512, 9, false);             // the weight tensor, per channel (short rows)
-  test_finalise(3, 300, 700000, true);            // S = 684, M = 2052: just two levels
+  test_finalise(3, 300, 700000, true);            // segs = 684, M = 2052: just two levels
   test_finalise(70000, 1, 1, false);
   test_finalise(20000000, 3, 1, true);           // short rows, 7354 outer tiles
   test_finalise(700000, 256, 1, true);           // short rows, kc = 256, rpi = 1
