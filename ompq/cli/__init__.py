@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from ._common import EXIT_USAGE
+
 COMMANDS = ["demo", "quantize", "eval", "export", "report", "profile", "allocate"]
 OPTIONAL_COMMANDS = ("demo", "quantize", "eval", "export", "report")
 
@@ -49,14 +51,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         if getattr(args, "debug", False):
             raise
         print(f"ompq {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

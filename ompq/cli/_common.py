@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 from torch import nn
 
+#: Exit status of a usage error or bad input (argparse uses 2 as well).
+EXIT_USAGE = 2
 MODEL_FORMS = ("a zoo name (see `ompq.zoo.list_models()`)",
                "module.path:factory (a callable returning an nn.Module, e.g. mypkg.nets:build)",
                "a saved model file (torch.save(model, PATH) or TorchScript)")

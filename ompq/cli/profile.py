@@ -54,7 +54,7 @@ def compute_profile(args: argparse.Namespace, model=None, desc=None, data=None):
     return profile(model, data, num_samples=args.num_samples, seed=args.seed,
                    include=args.include, exclude=args.exclude, feature=args.feature,
                    debiased=args.debiased, device=args.device, progress=args.progress,
-                   description=desc, memory_format=getattr(args, "memory_format", "auto"))
+                   description=desc, memory_format=args.memory_format)
 
 
 def print_profile(prof) -> None:

@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-EXIT_USAGE = 2
+from ._common import EXIT_USAGE
+
 #: Candidate weight widths per mode (SPEC §4: the reference searches 2–4 bits for PTQ).
 DEFAULT_BITS = {"ptq": "2,3,4", "qat": "2,3,4,5,6,8"}
 MIB = 2 ** 20
