@@ -1,22 +1,10 @@
-"""Bit allocation: the exact integer optimum of OMPQ's objective under size/BOPs budgets.
+"""Bit allocation: the exact integer optimum of an objective under size/BOPs budgets.
 
-Importance (proxy "orm", SPEC.md §4, normalised so that β is scale-free)::
+The objectives (`ompq.objectives`): by default minimise Σ_i θ_i · D_i(b_i), the layers'
+measured quantization distortion (`ompq.distortion`) weighted by an importance θ; "orm-linear"
+is the paper's Σ_i b_i · w_i; "hawq" and "uniform" come from `ompq.proxies`.
 
-    γ_i = mean_{j≠i} ORM(i, j)                 (overlap of layer i with the others)
-    γ̂_i = (γ_i − min γ) / (max γ − min γ)      (in [0, 1]; all 0 when every γ is equal)
-    θ_i = exp(−β · γ̂_i)                         (in [e^{−β}, 1]; more orthogonal ⇒ larger)
-    w_i = mean(θ_i, …, θ_L),  importance = w / mean(w)   (layer order = execution order)
-
-The paper sums ORM over j (γ grows with L) and uses raw θ, so β had to be re-tuned per network
-(3.3 … 100 … 1e-9) and large β·γ made every θ ≈ 0. After min-max normalisation the most
-orthogonal layer has θ = 1 and the most redundant θ = e^{−β} whatever the network: β is the log
-of that ratio. The default `DEFAULT_BETA = 3.0` (ratio ≈ 20) lets the ORM decide between layers of
-similar size while the parameter counts still matter. β = 0 gives every layer importance 1
-(maximise the plain sum of bits).
-
-Allocation: maximise Σ_i values_i[b_i] (for "orm" and custom importances values_i[b] =
-b · importance_i; other proxies come from `ompq.proxies.proxy_values`) over one candidate bit-width
-per layer, subject to (in integers, so a budget is never exceeded)::
+Allocation: maximise Σ_i values_i[b_i] over one candidate bit-width per layer, subject to (in integers, so a budget is never exceeded)::
 
     Σ_i b_i · params_i ≤ floor(size_mb · 8 · 2^20)          (bits)
     Σ_i b_i · a_i · MACs_i ≤ floor(bops_g · 1e9)            (BOPs per sample)
@@ -39,12 +27,13 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from . import objectives
 from .layers import match_names
+from .objectives import DEFAULT_BETA, DEFAULT_DISTORTION, DEFAULT_PROXY, orm_importance
 from .profile import Profile, load_json_payload, write_json
 
 FORMAT = "ompq.BitConfig"
 VERSION = 1
-DEFAULT_BETA = 3.0
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 METHODS = ("ilp", "lp-round")
 BITS_PER_MIB = 8 * 2 ** 20
@@ -60,7 +49,7 @@ class BitConfig:
     """Per-layer weight/activation bits and what they achieve.
 
     `size_mb`: MiB of quantized weights; `bops_g`: GBOPs per sample; `importance`: the per-layer
-    weights the objective used (objective = Σ bits × importance for proxies "orm"/"custom");
+    weights θ the objective used (`ompq.objectives`);
     `budget`: {"size_mb": MiB or None, "bops_g": GBOPs or None}; `search_seconds`: solver time.
     """
 
@@ -140,26 +129,6 @@ def load_bit_configs(src: Union[str, os.PathLike]) -> list[BitConfig]:
     data = json.loads(text)
     items = data if isinstance(data, list) else [data]
     return [BitConfig.from_dict(load_json_payload(x, FORMAT, VERSION)) for x in items]
-
-
-# ----------------------------------------------------------------------------- importance
-def orm_importance(orm: Any, beta: float = DEFAULT_BETA) -> np.ndarray:
-    """Per-layer importance (mean 1) from an L×L ORM; see the module docstring."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
-            or beta < 0:
-        raise ValueError(f"beta must be a finite number ≥ 0, got {beta!r}")
-    m = np.asarray(orm.cpu().numpy() if hasattr(orm, "cpu") else orm, dtype=np.float64)
-    num = m.shape[0]
-    if m.shape != (num, num) or num == 0:
-        raise ValueError(f"ORM must be a non-empty square matrix, got shape {m.shape}")
-    if not np.isfinite(m).all():
-        raise ValueError("ORM has non-finite entries")
-    gamma = (m.sum(axis=1) - np.diag(m)) / max(num - 1, 1)
-    span = gamma.max() - gamma.min()
-    ghat = (gamma - gamma.min()) / span if span > 1e-12 else np.zeros(num)
-    theta = np.exp(-float(beta) * ghat)
-    w = np.cumsum(theta[::-1])[::-1] / np.arange(num, 0, -1)
-    return w / w.mean()
 
 
 # ----------------------------------------------------------------------------- problem set-up
@@ -346,7 +315,7 @@ def _caps(problem: _Problem, size_mb: Optional[float], bops_g: Optional[float]
 class _CpSat:
     """One CP-SAT model reused for every budget of a sweep (only the caps change).
 
-    When every layer's values are `b · w_i` (proxies "orm" and custom importances) each layer is
+    When every layer's values are `b · w_i` (the linear "orm-linear" objective) each layer is
     one integer variable whose domain is its candidate set (about 10× faster to prove optimal);
     otherwise one boolean per (layer, candidate) with exactly one true per layer.
     """
@@ -438,7 +407,7 @@ def _lp_round(problem: _Problem, cap_size: Optional[int], cap_bops: Optional[int
     names, num = problem.names, len(problem.names)
     lo = np.array(problem.extreme(min), dtype=float)
     hi = np.array(problem.extreme(max), dtype=float)
-    # linear objective slope per bit (exact for "orm"/custom; a least-squares slope otherwise)
+    # linear objective slope per bit (exact for "orm-linear"; a least-squares slope otherwise)
     slope = np.empty(num)
     for i, v in enumerate(problem.values):
         bs = np.array(sorted(v), dtype=float)
@@ -532,30 +501,15 @@ def _greedy_raise(problem: _Problem, bits: list[int], units: list[list[int]],
 
 # ----------------------------------------------------------------------------- values
 def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int, ...]],
-            model: Any, data: Any, seed: int) -> tuple[str, dict[str, float],
-                                                       list[dict[int, float]], float,
-                                                       Optional[list[list[str]]]]:
-    """(proxy name, importance, values[i][b], proxy seconds, tie groups the proxy requires)."""
+            model: Any, data: Any, seed: int, distortion: str
+            ) -> tuple[str, dict[str, float], list[dict[int, float]], float,
+                       Optional[list[list[str]]], Optional[np.ndarray]]:
+    """(proxy name, importance, values[i][b], proxy seconds, tie groups the proxy requires,
+    linear weights w when values[i][b] = b · w_i)."""
     names = profile.names
-    if isinstance(proxy, Mapping):
-        unknown = [k for k in proxy if k not in set(names)]
-        missing = [n for n in names if n not in proxy]
-        if unknown or missing:
-            raise ValueError(f"custom importance must name every layer exactly: unknown "
-                             f"{unknown[:8]}, missing {missing[:8]}")
-        imp = {}
-        for n in names:
-            v = proxy[n]
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
-                    or not math.isfinite(v):
-                raise ValueError(f"custom importance of layer {n!r} must be a finite number, "
-                                 f"got {v!r}")
-            imp[n] = float(v)
-        return "custom", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0, None
-    if proxy == "orm":
-        w = orm_importance(profile.orm, beta)
-        imp = {n: float(v) for n, v in zip(names, w)}
-        return "orm", imp, [{b: b * imp[n] for b in cand[n]} for n in names], 0.0, None
+    if isinstance(proxy, Mapping) or proxy in objectives.OBJECTIVES:
+        obj = objectives.build(proxy, profile, cand, beta=beta, seed=seed, distortion=distortion)
+        return obj.name, obj.importance, obj.values, 0.0, None, obj.linear
     if not isinstance(proxy, str):
         raise TypeError(f"proxy must be a name or a dict layer -> importance, got {proxy!r}")
     from . import proxies  # lazy: optional heavier dependencies
@@ -570,7 +524,7 @@ def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int
             raise ValueError(f"proxy {proxy!r} gave non-finite values for layer {n!r}: {row}")
         values.append(row)
     imp = {n: float(res.importance.get(n, 0.0)) for n in names}
-    return proxy, imp, values, float(res.seconds), res.tie
+    return proxy, imp, values, float(res.seconds), res.tie, None
 
 
 def _problem(profile: Profile, bits: Any, act_bits: Any, pin: Any, tie: Any
@@ -598,9 +552,9 @@ def _import_solver(method: str) -> None:
 def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
              bits: Any = DEFAULT_BITS, act_bits: Any = 8, pin: Optional[Mapping[str, int]] = None,
              tie: Optional[Sequence[Sequence[str]]] = None, beta: float = DEFAULT_BETA,
-             method: str = "ilp", proxy: Any = "orm", model: Any = None, data: Any = None,
-             seed: int = 0, time_limit_s: float = 30.0, progress: bool = False
-             ) -> Union[BitConfig, list[BitConfig]]:
+             method: str = "ilp", proxy: Any = DEFAULT_PROXY, model: Any = None, data: Any = None,
+             seed: int = 0, time_limit_s: float = 30.0, progress: bool = False,
+             distortion: str = DEFAULT_DISTORTION) -> Union[BitConfig, list[BitConfig]]:
     """Give every layer of `profile` a weight bit-width under the budget(s).
 
     `size_mb`: MiB of quantized weights; `bops_g`: GBOPs per sample (b_w·b_a·MACs / 1e9); either
@@ -608,9 +562,13 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     budget). `bits`: candidate bit-widths, or a dict glob -> candidates (later patterns override
     earlier ones; every layer must be covered). `act_bits`: int, or dict glob -> int (default 8).
     `pin`: dict glob -> bits (must be a candidate). `tie`: groups of names/globs with equal bits.
-    `beta`: importance temperature (see the module docstring). `method`: "ilp" (exact, CP-SAT) or
-    "lp-round". `proxy`: "orm", a name understood by `ompq.proxies.proxy_values` ("hawq",
-    "uniform", "random"; `model`, `data`, `seed` are passed on), or a dict layer -> importance.
+    `beta`: ORM importance temperature (`ompq.objectives`). `method`: "ilp" (exact, CP-SAT) or
+    "lp-round". `proxy`: the objective (`ompq.objectives`): "error" (default: Σ D_i(b_i)),
+    "orm" (ORM-weighted distortion), "random" (shuffled ORM weights, a null control),
+    "orm-linear" (the paper's Σ b_i·w_i), a dict layer -> θ, or a baseline of
+    `ompq.proxies.proxy_values` ("hawq", "uniform"; `model`, `data` are passed on). `seed` seeds
+    "random" and "hawq". `distortion`: the table row the distortion objectives use ("output":
+    the layer's output noise-to-signal ratio, or "weight": the weight's squared error).
     Raises InfeasibleBudgetError (with the achievable size/BOPs range) when no assignment fits.
     """
     if method not in METHODS:
@@ -623,15 +581,14 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     budgets, sweep = _budgets(size_mb, bops_g)
     problem = _problem(profile, bits, act_bits, pin, tie)
     caps = [_caps(problem, s, b) for s, b in budgets]
-    proxy_name, importance, values, proxy_s, proxy_tie = _values(
-        profile, proxy, beta, problem.cand, model, data, seed)
+    proxy_name, importance, values, proxy_s, proxy_tie, linear = _values(
+        profile, proxy, beta, problem.cand, model, data, seed, distortion)
     if proxy_tie:  # e.g. "uniform": every layer shares one width, as if passed in `tie`
         problem = _problem(profile, bits, act_bits, pin, list(tie or []) + list(proxy_tie))
         caps = [_caps(problem, s, b) for s, b in budgets]
         values = [{b: row[b] for b in problem.cand[n]} for n, row in zip(problem.names, values)]
     problem.values = values
-    if proxy_name in ("orm", "custom"):
-        problem.weights = np.array([importance[n] for n in problem.names])
+    problem.weights = linear
     solver = _CpSat(problem, seed, time_limit_s) if method == "ilp" else None
     setup_s = time.perf_counter() - t0
     configs = []

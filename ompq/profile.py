@@ -43,11 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from .data import draw_indices, read_batches, stack_items
+from .distortion import (DEFAULT_SAMPLES, DISTORTION_BITS, DistortionTable, LayerMeter,
+                         check_bits, fold_scales, table_from_meters)
 from .layers import LayerInfo, Patterns, call_model, find_layers, first_tensor, layer_info
 from .orm import MIN_SAMPLES, feature_gram, flatten_samples, orm_from_grams
 
 FORMAT = "ompq.Profile"
-VERSION = 1
+VERSION = 2  # 2: adds the per-layer, per-width distortion table
 
 FOLLOW_TYPES: tuple[type, ...] = (
     nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
@@ -97,8 +99,11 @@ def write_json(text: str, path: Optional[Union[str, os.PathLike]]) -> str:
 class Profile:
     """Result of `profile()`: layers in execution order, their L×L ORM (float64) and timings.
 
-    `timings` (seconds): "forward" (the forward pass without the Gram work), "gram" (inside the
-    hooks), "orm" (the L×L product), "total" (the whole `profile()` call).
+    `timings` (seconds): "forward" (the forward pass without the Gram and distortion work),
+    "gram" (inside the hooks), "distortion" (the distortion table, inside the hooks), "orm" (the
+    L×L product), "total" (the whole `profile()` call). `distortion`: the per-layer, per-width
+    table the default allocation objective needs (None for a version-1 profile or
+    `distortion_bits=None`).
     """
 
     layers: list[LayerInfo]
@@ -109,6 +114,7 @@ class Profile:
     debiased: bool
     timings: dict[str, float] = field(default_factory=dict)
     model: Optional[str] = None
+    distortion: Optional[DistortionTable] = None
     version: int = VERSION
 
     @property
@@ -130,7 +136,8 @@ class Profile:
                 "num_samples": self.num_samples, "seed": self.seed, "feature": self.feature,
                 "debiased": self.debiased, "timings": dict(self.timings),
                 "layers": [layer.to_dict() for layer in self.layers],
-                "orm": self.orm.to(torch.float64).cpu().tolist()}
+                "orm": self.orm.to(torch.float64).cpu().tolist(),
+                "distortion": None if self.distortion is None else self.distortion.to_dict()}
 
     def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
         """JSON text (floats round-trip exactly); also written to `path` when given."""
@@ -138,7 +145,11 @@ class Profile:
 
     @classmethod
     def from_json(cls, src: Union[str, os.PathLike, dict]) -> "Profile":
-        """Load from JSON text, a file path or a dict; refuses other formats/newer versions."""
+        """Load from JSON text, a file path or a dict; refuses other formats/newer versions.
+
+        A version-1 profile loads without a distortion table: the paper's objective
+        (proxy="orm-linear") and the baselines work on it, the default objective asks to
+        re-profile."""
         d = load_json_payload(src, FORMAT, VERSION)
         layers = [LayerInfo.from_dict(x) for x in d["layers"]]
         orm = torch.tensor(d["orm"], dtype=torch.float64)
@@ -148,7 +159,9 @@ class Profile:
         return cls(layers=layers, orm=orm, num_samples=int(d["num_samples"]),
                    seed=int(d["seed"]), feature=str(d["feature"]), debiased=bool(d["debiased"]),
                    timings={k: float(v) for k, v in d.get("timings", {}).items()},
-                   model=d.get("model"), version=VERSION)
+                   model=d.get("model"), version=VERSION,
+                   distortion=None if d.get("distortion") is None
+                   else DistortionTable.from_dict(d["distortion"]))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -212,8 +225,11 @@ def _energy_estimate(x: Tensor) -> float:
 class _Recorder:
     """Hook bookkeeping: pending feature chain, Grams, layer stats, timings."""
 
-    def __init__(self, names: Sequence[str], num_samples: int, feature: str, pbar: Any) -> None:
+    def __init__(self, names: Sequence[str], num_samples: int, feature: str, pbar: Any,
+                 meters: Optional[dict[str, LayerMeter]] = None) -> None:
         self.names = set(names)
+        self.meters = meters or {}
+        self.distortion_seconds = 0.0
         self.num_samples = num_samples
         self.feature = feature
         self.pbar = pbar
@@ -292,6 +308,10 @@ class _Recorder:
                 self.infos[name].macs += info.macs
             else:
                 self.infos[name] = info
+            if name in self.meters:
+                t0 = time.perf_counter()
+                self.meters[name].update(module, inp, o)
+                self.distortion_seconds += time.perf_counter() - t0
             if self.feature == "output":
                 self._add_gram(name, o)
             else:
@@ -344,11 +364,22 @@ def _run_input(model: nn.Module, x: Tensor, memory_format: str) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _meters(model: nn.Module, layers: list, x: Tensor, bits: Optional[tuple[int, ...]],
+            samples: int) -> dict[str, LayerMeter]:
+    """One distortion meter per layer (none when `bits` is None), with PTQ's BN folding."""
+    if bits is None:
+        return {}
+    scales = fold_scales(model, x[:2])
+    return {n: LayerMeter(bits, samples, scales.get(n)) for n, _ in layers}
+
+
 def _record(model: nn.Module, layers: list, x: Tensor, num_samples: int, feature: str,
-            progress: bool) -> tuple[_Recorder, float]:
+            progress: bool, bits: Optional[tuple[int, ...]] = None, samples: int = 0
+            ) -> tuple[_Recorder, float]:
     """One hooked inference forward of x; returns the recorder and the forward's seconds."""
+    meters = _meters(model, layers, x, bits, samples)
     pbar = _make_pbar(len(layers), progress)
-    rec = _Recorder([n for n, _ in layers], num_samples, feature, pbar)
+    rec = _Recorder([n for n, _ in layers], num_samples, feature, pbar, meters)
     handles = _register(model, layers, rec, feature)
     try:
         t0 = time.perf_counter()
@@ -370,7 +401,9 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
             types: Optional[tuple[type, ...]] = None, feature: str = "auto",
             debiased: bool = False, device: Optional[Union[str, torch.device]] = None,
             progress: bool = True, description: Optional[str] = None,
-            memory_format: str = "auto") -> Profile:
+            memory_format: str = "auto",
+            distortion_bits: Optional[Sequence[int]] = DISTORTION_BITS,
+            distortion_samples: int = DEFAULT_SAMPLES) -> Profile:
     """Profile `model`: layer stats and the L×L ORM from one streaming inference forward.
 
     `inputs`: a tensor with ≥ `num_samples` samples on dim 0, a Dataset (items `x` or `(x, y)`)
@@ -381,7 +414,9 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
     "output" (raw layer output). `debiased`: unbiased HSIC. `memory_format`: "auto" feeds a 4-D
     input to a model with Conv2d layers in channels_last (faster convolutions; the model is not
     modified, and a forward that fails on it is rerun once on the input as drawn, with a
-    warning), "channels_last" always does (no retry), "preserve" never does. Returns a
+    warning), "channels_last" always does (no retry), "preserve" never does.
+    `distortion_bits`: widths of the distortion table (`ompq.distortion`; None skips it), measured
+    on the first `distortion_samples` samples inside the same forward. Returns a
     `Profile` whose layers are in execution order; selected layers that do not run raise
     ValueError.
     """
@@ -390,6 +425,11 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    bits = None if distortion_bits is None else check_bits(distortion_bits)
+    if isinstance(distortion_samples, bool) or not isinstance(distortion_samples, int) \
+            or distortion_samples < 1:
+        raise ValueError(f"distortion_samples must be a positive int, got {distortion_samples!r}")
+    dist_samples = min(distortion_samples, num_samples)
     layers = find_layers(model, include=include, exclude=exclude, types=types)
     x = sample_inputs(inputs, num_samples, seed)
     home = _model_device(model)
@@ -402,14 +442,16 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
         x_run = _run_input(model, x, memory_format)
         model.eval()
         try:
-            rec, t_forward = _record(model, layers, x_run, num_samples, feature, progress)
+            rec, t_forward = _record(model, layers, x_run, num_samples, feature, progress,
+                                     bits, dist_samples)
         except RuntimeError as err:
             if memory_format != "auto" or x_run is x:
                 raise
             warnings.warn(f"ompq.profile: the forward failed on a channels_last input ({err}); "
                           "rerunning it on the input as drawn (memory_format='preserve' skips "
                           "the attempt)", RuntimeWarning, stacklevel=2)
-            rec, t_forward = _record(model, layers, x, num_samples, feature, progress)
+            rec, t_forward = _record(model, layers, x, num_samples, feature, progress, bits,
+                                     dist_samples)
     finally:
         model.train(was_training)
         if target != home:
@@ -424,8 +466,11 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
     energy = torch.tensor([rec.energy[n] for n in order], dtype=torch.float64)
     orm = orm_from_grams(grams, debiased=debiased, names=order, scales=energy).cpu()
     t_orm = time.perf_counter() - t1
-    timings = {"forward": t_forward - rec.gram_seconds, "gram": rec.gram_seconds, "orm": t_orm,
+    table = table_from_meters(rec.meters, order, bits, dist_samples) if bits else None
+    timings = {"forward": t_forward - rec.gram_seconds - rec.distortion_seconds,
+               "gram": rec.gram_seconds, "distortion": rec.distortion_seconds, "orm": t_orm,
                "total": time.perf_counter() - t_start}
     return Profile(layers=[rec.infos[n] for n in order], orm=orm, num_samples=num_samples,
                    seed=seed, feature=feature, debiased=debiased, timings=timings,
-                   model=description if description is not None else type(model).__name__)
+                   model=description if description is not None else type(model).__name__,
+                   distortion=table)

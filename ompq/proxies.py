@@ -14,8 +14,9 @@ the value the ILP maximises (`Σ_i values[i][b_i]` under the budgets):
   i.e. picks the highest uniform width that fits. `allocate` must add `ProxyResult.tie` to its
   tied groups (or the caller passes `tie=[names]`); without the tie the same values maximise the
   model size under the budget.
-- "random": seeded random importance `r_i ~ U(0, 1)`, `values[i][b] = b · r_i` (same form as
-  OMPQ's objective with random importance).
+
+The objectives computed from the profile alone ("orm", "error", "random", "orm-linear") live in
+`ompq.objectives`.
 
 Each result reports its own search time in seconds (`ProxyResult.seconds`), not counting the
 ILP.
@@ -30,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .objectives import OBJECTIVES
 from .quantizers import WeightQuantizer
 
-PROXIES = ("hawq", "uniform", "random")
+PROXIES = ("hawq", "uniform")
 
 
 @dataclass
@@ -151,17 +153,17 @@ def proxy_values(proxy: str, profile: Any, candidates: Union[Sequence[int], Mapp
     """Per-layer, per-width ILP values of a baseline proxy (see module docstring).
 
     Args:
-        proxy: "hawq", "uniform" or "random".
+        proxy: "hawq" or "uniform".
         profile: a `Profile` (uses `.layers` names and `.params`).
         candidates: candidate bit-widths (a sequence, or layer -> sequence).
         model, data: needed by "hawq" (labelled data, or inputs labelled by the model).
-        seed: seeds the data sample, the Rademacher vectors and "random".
+        seed: seeds the data sample and the Rademacher vectors.
         num_samples: calibration batch size for "hawq".
         max_iters, tol: Hutchinson stopping rule.
     """
     if proxy not in PROXIES:
-        raise ValueError(f"proxy {proxy!r} unknown here; valid: {', '.join(PROXIES)} "
-                         "(\"orm\" is computed by allocate itself)")
+        raise ValueError(f"proxy {proxy!r} unknown; valid: "
+                         f"{', '.join(OBJECTIVES + PROXIES)} or a dict layer -> importance")
     t0 = time.perf_counter()
     names = _layer_names(profile)
     cands = _candidates(names, candidates)
@@ -171,12 +173,6 @@ def proxy_values(proxy: str, profile: Any, candidates: Union[Sequence[int], Mapp
         values = {n: {b: b * params[n] / total for b in cands[n]} for n in names}
         return ProxyResult(values, {n: 1.0 for n in names}, time.perf_counter() - t0,
                            tie=[list(names)])
-    if proxy == "random":
-        g = torch.Generator().manual_seed(seed)
-        r = torch.rand(len(names), generator=g, dtype=torch.float64).tolist()
-        imp = dict(zip(names, r))
-        values = {n: {b: b * imp[n] for b in cands[n]} for n in names}
-        return ProxyResult(values, imp, time.perf_counter() - t0)
     if model is None or data is None:
         raise ValueError("proxy 'hawq' needs model= and data= (a calibration set)")
     x, y = _labelled_batch(data, model, num_samples, seed)

@@ -13,6 +13,7 @@ import torch
 import ompq
 from ompq.allocate import (BitConfig, InfeasibleBudgetError, allocate, load_bit_configs,
                            orm_importance, save_bit_configs)
+from ompq.distortion import DistortionTable
 from ompq.layers import LayerInfo, match_names
 from ompq.profile import Profile
 
@@ -26,7 +27,18 @@ def make_profile(num=5, seed=0):
     base = rng.normal(size=(num, 3))
     feats = base @ rng.normal(size=(3, 12)) + 0.8 * rng.normal(size=(num, 12))
     orm = torch.tensor(np.corrcoef(feats) ** 2)
-    return Profile(layers, orm, 32, 0, "auto", False, {}, "synthetic")
+    return Profile(layers, orm, 32, 0, "auto", False, {}, "synthetic",
+                   distortion=synthetic_table([layer.name for layer in layers], rng))
+
+
+def synthetic_table(names, rng, bits=tuple(range(2, 9))):
+    """D_i(b) = c_i · 4^-b (a 2-bit step per bit of resolution), the shape measured tables have."""
+    table = DistortionTable(bits=bits, samples=8)
+    for n in names:
+        c_out, c_w = rng.uniform(0.1, 10.0, size=2)
+        table.output[n] = [float(c_out * 4.0 ** -b) for b in bits]
+        table.weight[n] = [float(c_w * 4.0 ** -b) for b in bits]
+    return table
 
 
 def brute_force(prof, values, cand, act, size_mb=None, bops_g=None, ties=()):
@@ -80,12 +92,17 @@ def test_ilp_equals_brute_force(frac, which):
     s, b = frac_budget(prof, frac, cand, act)
     s = s if which in ("size", "both") else None
     b = (b * 1.1 if which == "both" else b) if which in ("bops", "both") else None
-    cfg = allocate(prof, size_mb=s, bops_g=b)
+    cfg = allocate(prof, size_mb=s, bops_g=b, proxy="orm-linear")
     w = orm_importance(prof.orm)
     values = [{c: c * w[i] for c in cand[n]} for i, n in enumerate(prof.names)]
     check_against_brute(prof, cfg, values, cand, act, s, b)
-    assert cfg.status == "OPTIMAL" and cfg.method == "ilp" and cfg.proxy == "orm"
+    assert cfg.status == "OPTIMAL" and cfg.method == "ilp" and cfg.proxy == "orm-linear"
     assert cfg.importance == {n: pytest.approx(v) for n, v in zip(prof.names, w)}
+    # the default objective: minimise the summed output distortion (theta = 1)
+    cfg = allocate(prof, size_mb=s, bops_g=b)
+    values = [{c: -prof.distortion.output[n][c - 2] for c in cand[n]} for n in prof.names]
+    check_against_brute(prof, cfg, values, cand, act, s, b)
+    assert cfg.status == "OPTIMAL" and cfg.proxy == "error"
 
 
 def test_ilp_candidate_sets_pins_ties_act_bits_brute_force():
@@ -104,7 +121,7 @@ def test_ilp_candidate_sets_pins_ties_act_bits_brute_force():
         s, b = frac_budget(prof, frac, cand_b, act)
         for beta in (0.0, 3.0, 20.0):
             cfg = allocate(prof, size_mb=s, bops_g=b * 1.05, bits=bits, pin=pin, tie=ties,
-                           act_bits=act_bits, beta=beta)
+                           act_bits=act_bits, beta=beta, proxy="orm-linear")
             w = orm_importance(prof.orm, beta)
             values = [{c: c * w[i] for c in cand_b[n]} for i, n in enumerate(names)]
             check_against_brute(prof, cfg, values, cand_b, act, s, b * 1.05,
@@ -122,7 +139,8 @@ def test_custom_importance_and_proxy_values_brute_force(monkeypatch):
     s, _ = frac_budget(prof, 0.4, cand, act)
     imp = {n: float(v) for n, v in zip(prof.names, [0.3, 2.0, 1.1, 0.7, 1.5])}
     cfg = allocate(prof, size_mb=s, bits=(2, 3, 4, 6), proxy=imp)
-    values = [{c: c * imp[n] for c in cand[n]} for n in prof.names]
+    values = [{c: -imp[n] * prof.distortion.output[n][c - 2] for c in cand[n]}
+              for n in prof.names]
     check_against_brute(prof, cfg, values, cand, act, s, None)
     assert cfg.proxy == "custom" and cfg.importance == imp
 
@@ -291,7 +309,7 @@ def test_lp_round_repair_lowers_an_overshooting_rounding():
     alloc = importlib.import_module("ompq.allocate")
     prof = make_profile(6, seed=1)
     problem = alloc._problem(prof, (2, 4, 8), 8, None, None)
-    _, _, problem.values, _, _ = alloc._values(prof, "orm", 3.0, problem.cand, None, None, 0)
+    problem.values = alloc._values(prof, "orm", 3.0, problem.cand, None, None, 0, "output")[2]
     cap = problem.size_bits([4] * 6)
     bits = alloc._repair(problem, [8] * 6, [[i] for i in range(6)], cap, None)
     assert problem.size_bits(bits) <= cap and set(bits) <= {2, 4, 8}

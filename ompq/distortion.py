@@ -1,0 +1,193 @@
+"""Distortion tables: what each candidate bit-width costs each layer, measured in the profile.
+
+For every layer i and width b of `bits`, inside the profiler's one forward (no extra network
+forward), with the layer's weight as PTQ quantizes it:
+
+- `W_f` is the weight with a directly following BatchNorm folded in (the pairs PTQ folds,
+  `quantizers.find_conv_bn_pairs`), and `Q_b` is PTQ's weight quantizer (asymmetric,
+  per output channel, MSE-initialised scale);
+- ``weight[b] = ‖Q_b(W_f) − W_f‖²`` (sum of squares, weight units²): the data-free error;
+- ``output[b] = ‖(Q_b(W_f) − W_f) ⊛ x‖² / ‖W_f ⊛ x − mean‖²``: the noise-to-signal ratio (NSR,
+  dimensionless) of the layer's folded output on its real input x, over the first `samples`
+  profiled samples. The mean is per output channel; the bias cancels in the difference.
+
+Both rows are made non-increasing in b (a running minimum from the narrowest width), so a wider
+grid is never reported worse than a narrower one; measured tables almost never need it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizers import WeightQuantizer
+
+DISTORTION_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+KINDS = ("output", "weight")
+DEFAULT_SAMPLES = 32
+
+
+class DistortionTableError(ValueError):
+    """A distortion table that cannot serve the allocation (missing width, NaN, …)."""
+
+
+@dataclass
+class DistortionTable:
+    """Per-layer, per-width distortion (see the module docstring).
+
+    `bits`: the measured widths; `samples`: samples behind the output NSR; `weight`/`output`:
+    layer -> one value per width of `bits` (weight units² / dimensionless NSR).
+    """
+
+    bits: tuple[int, ...]
+    samples: int
+    weight: dict[str, list[float]] = field(default_factory=dict)
+    output: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        return {"bits": list(self.bits), "samples": self.samples,
+                "weight": {k: list(v) for k, v in self.weight.items()},
+                "output": {k: list(v) for k, v in self.output.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DistortionTable":
+        """Inverse of `to_dict` (values are checked when used, by `values`)."""
+        try:
+            return cls(bits=tuple(int(b) for b in d["bits"]), samples=int(d["samples"]),
+                       weight={k: [float(x) for x in v] for k, v in d["weight"].items()},
+                       output={k: [float(x) for x in v] for k, v in d["output"].items()})
+        except KeyError as err:
+            raise ValueError(f"distortion table lacks the field {err.args[0]!r}") from None
+
+    def values(self, kind: str, name: str, bits: Sequence[int]) -> dict[int, float]:
+        """{b: distortion} of layer `name` for each width in `bits`; DistortionTableError names
+        the layer and says what is wrong (unknown kind, layer or width, non-finite values)."""
+        if kind not in KINDS:
+            raise ValueError(f"distortion must be one of {KINDS}, got {kind!r}")
+        rows = getattr(self, kind)
+        if name not in rows:
+            raise DistortionTableError(f"the profile's distortion table has no row for layer "
+                                       f"{name!r}; re-profile the model")
+        row = rows[name]
+        if len(row) != len(self.bits):
+            raise DistortionTableError(f"distortion table row {kind!r} of layer {name!r} has "
+                                       f"{len(row)} values for {len(self.bits)} widths")
+        out = {}
+        for b in bits:
+            if b not in self.bits:
+                raise DistortionTableError(
+                    f"layer {name!r}: {b} bits is not in the profile's distortion table (widths "
+                    f"{list(self.bits)}); re-profile with distortion_bits including {b}")
+            v = row[self.bits.index(b)]
+            if not math.isfinite(v) or v < 0:
+                raise DistortionTableError(f"layer {name!r}: {kind} distortion at {b} bits is "
+                                           f"{v!r}; expected a finite value ≥ 0")
+            out[int(b)] = float(v)
+        return out
+
+
+def check_bits(bits: Any) -> tuple[int, ...]:
+    """Sorted, distinct widths in 2..16 (what `WeightQuantizer` accepts)."""
+    try:
+        out = tuple(sorted({int(b) for b in bits}))
+    except (TypeError, ValueError):
+        raise ValueError(f"distortion_bits must be a sequence of ints, got {bits!r}") from None
+    if not out or any(isinstance(b, bool) or not 2 <= b <= 16 for b in out):
+        raise ValueError(f"distortion_bits must be integers in 2..16, got {bits!r}")
+    return out
+
+
+def running_min(row: Sequence[float]) -> list[float]:
+    """Make a row (narrowest width first) non-increasing."""
+    out, low = [], math.inf
+    for v in row:
+        low = min(low, float(v))
+        out.append(low)
+    return out
+
+
+def fold_scales(model: nn.Module, example_input: Any) -> dict[str, Tensor]:
+    """layer -> per-output-channel factor γ/√(var+ε) of the BatchNorm PTQ folds into it."""
+    from .quantizers import find_conv_bn_pairs
+
+    out = {}
+    for layer, bn_name in find_conv_bn_pairs(model, example_input):
+        bn = model.get_submodule(bn_name)
+        inv = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+        out[layer] = inv * bn.weight.detach().float() if bn.affine else inv
+    return out
+
+
+def _channel_view(module: nn.Module, y: Tensor) -> Tensor:
+    """y as (channels, rest): channel dim 1 for convs, the last dim for Linear."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1]).T
+    return y.transpose(0, 1).reshape(y.shape[1], -1)
+
+
+def _linear_part(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """The layer's output on x with `weight` and no bias, without calling the module (its hooks
+    would fire again). Convs go through `_conv_forward`, which keeps their padding mode."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight)
+    return module._conv_forward(x, weight, None)
+
+
+class LayerMeter:
+    """Accumulates one layer's distortion over its calls in the profiling forward."""
+
+    def __init__(self, bits: tuple[int, ...], samples: int, scale: Optional[Tensor]) -> None:
+        self.bits, self.samples, self.scale = bits, samples, scale
+        self.deltas: Optional[list[Tensor]] = None
+        self.weight = [0.0] * len(bits)
+        self.noise = [0.0] * len(bits)
+        self.signal = 0.0
+
+    def _weight_deltas(self, module: nn.Module) -> list[Tensor]:
+        w = module.weight.detach().float()
+        if self.scale is not None:
+            w = w * self.scale.to(w.device).reshape([-1] + [1] * (w.dim() - 1))
+        deltas = []
+        for k, b in enumerate(self.bits):
+            wq = WeightQuantizer(b, w.shape[0]).to(w.device)
+            wq.init_scale(w, "mse")
+            d = wq(w) - w
+            self.weight[k] = float(d.double().square().sum())
+            deltas.append(d)
+        self.w_folded = w
+        return deltas
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, inp: Tensor, out: Tensor) -> None:
+        """Add one call: inp/out are the layer's batched input and output."""
+        if self.deltas is None:
+            self.deltas = self._weight_deltas(module)
+        x = inp[:self.samples]
+        if x.dtype != self.w_folded.dtype:
+            x = x.to(self.w_folded.dtype)
+        y = _channel_view(module, _linear_part(module, x, self.w_folded)).double()
+        self.signal += float((y - y.mean(dim=1, keepdim=True)).square().sum())
+        for k, d in enumerate(self.deltas):
+            self.noise[k] += float(_linear_part(module, x, d).double().square().sum())
+
+    def rows(self) -> tuple[list[float], list[float]]:
+        """(weight row, output NSR row), each non-increasing in bits."""
+        if self.signal > 0:
+            nsr = [n / self.signal for n in self.noise]
+        else:  # a constant output: no signal to compare with, every width is equally harmless
+            nsr = [0.0] * len(self.noise)
+        return running_min(self.weight), running_min(nsr)
+
+
+def table_from_meters(meters: Mapping[str, LayerMeter], order: Sequence[str], bits: tuple[int, ...],
+                      samples: int) -> DistortionTable:
+    """Collect the meters (in layer order) into a `DistortionTable`."""
+    table = DistortionTable(bits=bits, samples=samples)
+    for name in order:
+        table.weight[name], table.output[name] = meters[name].rows()
+    return table
