@@ -1,31 +1,49 @@
-"""Allocation study: does OMPQ's orthogonality allocation beat uniform, HAWQ-trace and random?
+"""Allocation study: does the default objective beat uniform and HAWQ-trace at equal size?
 
-For each zoo model and average weight widths (default 2.5, 3 and 4 bits; size budget =
-avg_bits × total weights / 8 / 2**20 MiB; activations 8 bits; candidates 2,3,4,5,6,8) it
-allocates bits with each proxy (the same exact ILP), runs PTQ (BRECQ-style AdaRound + LSQ act,
-iterations reduced to fit a CPU) and evaluates top-1 on the Fashion-MNIST test split. For one
-size it also runs a short QAT. Correlation: ≥ 30 random configurations at one size (random-proxy
-allocations with seeds 0..K-1, i.e. random importance under the same budget), PTQ with reduced
-iterations, Kendall τ / Spearman ρ (with p-values) of top-1 against the ORM objective
-(Σ b_i · importance_i) and against the HAWQ objective (Σ −avg_trace_i · ‖Q_b(W_i) − W_i‖²).
+Grid (`run`): for each zoo model, average weight width (2, 2.5, 3, 4 bits with 8-bit
+activations, and 3 bits with 4-bit activations; budget = avg × weights / 8 / 2**20 MiB) and seed,
+every method allocates bits with the exact ILP, then PTQ runs (`--stage rtn`: round to nearest
+with MSE weight scales; `--stage adaround`: the demo's 300 AdaRound + 30 LSQ iterations per
+block) and top-1 is measured on the full 10 000-image test split. Methods:
 
-Search time: "orm" = profile (forward + Grams + ORM) + ILP; "hawq" = Hessian trace (Hutchinson)
-+ perturbations + ILP; "uniform"/"random" = ILP only.
+- error      the default: minimise Σ_i D_i(b_i), the layers' output NSR (θ ≡ 1)
+- orm        the same, ORM-weighted (θ = ORM importance, β = 3)
+- random     the same, with the ORM weights shuffled over the layers (seeded null control)
+- orm-linear the paper's objective Σ b_i·w_i with the reference's PTQ candidates {2, 3, 4}
+- hawq       HAWQ-V2 trace × ‖Q_b(W) − W‖² (Hutchinson, 30 vectors, 128 images)
+- uniform    the widest single width that fits (at 2.5 bits: 2 bits, labelled "floor")
 
-Usage:  python benchmarks/allocation_study.py [--models resnet20 mobilenetv2] [--iters 100] ...
-Writes benchmarks/results/allocation_study.json and prints a Markdown table.
+A seed sets the profile sample, the calibration draw, the reconstruction and HAWQ's sample and
+vectors. Each record keeps the per-image correctness (base64 bitmask), so `report` can bootstrap
+paired differences over images and seeds.
+
+Correlation (`corr`): ≥ 100 bit configurations of one model at one budget, spread around uniform
+(random ±1/±2-bit moves on random layers, repaired to the budget), round-to-nearest PTQ on the
+full test split; Kendall τ / Spearman ρ of each objective against top-1 with bootstrap CIs, and
+the accuracy repeatability over two calibration seeds as the noise ceiling.
+
+Resumable: every finished record is appended to `--out` at once (an atomic rewrite), and a rerun
+skips what is there. Different `--out` shards can run in parallel; `report` merges them.
+
+Usage:
+  python benchmarks/allocation_study.py run --stage rtn --seeds 0 1 2 --out benchmarks/results/allocation_study.rtn.json
+  python benchmarks/allocation_study.py run --stage adaround --avg-bits 3 --seeds 0 1 2 --out ....adaround.json
+  python benchmarks/allocation_study.py corr --configs 100 --out ....corr.json
+  python benchmarks/allocation_study.py report benchmarks/results/allocation_study.*.json
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import json
-import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,200 +52,449 @@ sys.path.insert(0, str(ROOT))
 from ompq import proxies, zoo  # noqa: E402
 from ompq.allocate import allocate  # noqa: E402
 from ompq.data import fashion_mnist  # noqa: E402
-from ompq.evaluate import evaluate  # noqa: E402
+from ompq.objectives import PAPER_BITS  # noqa: E402
 from ompq.profile import profile  # noqa: E402
 from ompq.ptq import ptq  # noqa: E402
-from ompq.qat import qat  # noqa: E402
 
 BITS = (2, 3, 4, 5, 6, 8)
+METHODS = ("error", "orm", "random", "orm-linear", "hawq", "uniform")
+BUDGETS = ((2.0, 8), (2.5, 8), (3.0, 8), (4.0, 8), (3.0, 4))  # (avg weight bits, act bits)
+STAGES = {"rtn": {"iters": 0, "act_iters": 0}, "adaround": {"iters": 300, "act_iters": 30}}
+PROFILE_SAMPLES, CALIB = 64, 512
+HAWQ = {"num_samples": 128, "max_iters": 30}
+
+
+# ----------------------------------------------------------------------------- storage
+class Store:
+    """Records in a JSON file, rewritten atomically after every append."""
+
+    def __init__(self, path: str, settings: dict) -> None:
+        self.path = path
+        if os.path.exists(path):
+            with open(path) as fh:
+                self.doc = json.load(fh)
+        else:
+            self.doc = {"format": "ompq.AllocationStudy", "version": 2, "settings": settings,
+                        "machine": machine(), "records": []}
+        self.keys = {self.key(r) for r in self.doc["records"]}
+
+    @staticmethod
+    def key(r: dict) -> tuple:
+        return tuple(r.get(k) for k in ("kind", "model", "stage", "avg_bits", "act_bits",
+                                        "method", "seed", "config"))
+
+    def has(self, **k: Any) -> bool:
+        return self.key(k) in self.keys
+
+    def add(self, rec: dict) -> None:
+        self.doc["records"].append(rec)
+        self.keys.add(self.key(rec))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.doc, fh)
+        os.replace(tmp, self.path)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch": torch.__version__}
+
+
+def pack(correct: torch.Tensor) -> str:
+    return base64.b64encode(np.packbits(correct.numpy().astype(np.uint8)).tobytes()).decode()
+
+
+def unpack(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
+
+
+@torch.no_grad()
+def correct_mask(model: torch.nn.Module, test: tuple) -> torch.Tensor:
+    x, y = test
+    model.eval()
+    out = [model(x[i:i + 1000]).argmax(1) == y[i:i + 1000] for i in range(0, x.size(0), 1000)]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- grid
+def search(method: str, prof, model, train, size: float, act: int, seed: int,
+           hawq_cache: dict) -> tuple[Any, float]:
+    """(BitConfig, search seconds excluding the profile) of one method at one budget."""
+    kw: dict[str, Any] = {"bits": BITS, "act_bits": act, "seed": seed}
+    if method == "orm-linear":
+        kw["bits"] = PAPER_BITS["ptq"]
+    t0 = time.perf_counter()
+    if method == "hawq":
+        key = (id(model), seed)
+        if key not in hawq_cache:
+            t1 = time.perf_counter()
+            hawq_cache[key] = (proxies.proxy_values("hawq", prof, BITS, model=model, data=train,
+                                                    seed=seed, **HAWQ),
+                               time.perf_counter() - t1)
+        res, trace_s = hawq_cache[key]
+        cfg = allocate(prof, size_mb=size, proxy=res, **kw)  # a precomputed ProxyResult
+        return cfg, time.perf_counter() - t0 + trace_s
+    cfg = allocate(prof, size_mb=size, proxy=method, **kw)
+    return cfg, time.perf_counter() - t0
+
+
+def run(a: argparse.Namespace) -> None:
+    store = Store(a.out, vars(a))
+    train, test = fashion_mnist("train"), fashion_mnist("test")
+    test_t = test.tensors
+    stage = STAGES[a.stage]
+    hawq_cache: dict = {}
+    for name in a.models:
+        model = zoo.load(name)
+        if not store.has(kind="fp32", model=name):
+            acc = correct_mask(model, test_t)
+            store.add({"kind": "fp32", "model": name, "top1": float(acc.float().mean() * 100),
+                       "n": int(acc.numel()), "correct": pack(acc)})
+        for seed in a.seeds:
+            prof, prof_s, plain_s = None, 0.0, 0.0
+            for ab, act in BUDGETS:
+                if ab not in a.avg_bits or (act != 8 and not a.act4):
+                    continue
+                for method in a.methods:
+                    if store.has(kind="ptq", model=name, stage=a.stage, avg_bits=ab,
+                                 act_bits=act, method=method, seed=seed):
+                        continue
+                    if prof is None:
+                        t0 = time.perf_counter()
+                        profile(model, train, num_samples=PROFILE_SAMPLES, seed=seed,
+                                progress=False, distortion_bits=None)
+                        plain_s = time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        prof = profile(model, train, num_samples=PROFILE_SAMPLES, seed=seed,
+                                       progress=False)
+                        prof_s = time.perf_counter() - t0
+                    total = sum(layer.params for layer in prof.layers)
+                    size = ab * total / 8 / 2 ** 20
+                    cfg, search_s = search(method, prof, model, train, size, act, seed,
+                                           hawq_cache)
+                    if method != "hawq" and method != "uniform":
+                        search_s += prof_s
+                    t0 = time.perf_counter()
+                    q = ptq(model, cfg, train, num_samples=CALIB, seed=seed, progress=False,
+                            act_bits=act, **stage)
+                    ptq_s = time.perf_counter() - t0
+                    acc = correct_mask(q, test_t)
+                    top1 = float(acc.float().mean() * 100)
+                    store.add({"kind": "ptq", "model": name, "stage": a.stage, "avg_bits": ab,
+                               "act_bits": act, "method": method, "seed": seed,
+                               "budget_mb": size, "size_mb": cfg.size_mb, "bops_g": cfg.bops_g,
+                               "bits": cfg.weight_bits, "top1": top1, "n": int(acc.numel()),
+                               "search_seconds": search_s, "profile_seconds": prof_s,
+                               "plain_profile_seconds": plain_s, "ptq_seconds": ptq_s,
+                               "floor": method == "uniform" and cfg.size_mb < size * 0.99,
+                               "correct": pack(acc)})
+                    print(f"[{name} {a.stage} seed {seed}] {ab:g}b A{act} {method:10s} "
+                          f"{cfg.size_mb:.4f} MiB top1 {top1:.2f} (search {search_s:.2f} s, "
+                          f"ptq {ptq_s:.0f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------- correlation
+def neighbour(rng: np.random.Generator, params: np.ndarray, base: int, cap: int) -> list[int]:
+    """A random config around uniform `base`: ±1/±2-bit moves on random layers, then repaired
+    to the budget `cap` (bits) by lowering, and raised while it still fits."""
+    num = len(params)
+    bits = np.full(num, base)
+    moves = rng.integers(2, num // 2 + 1)
+    for i in rng.choice(num, size=moves, replace=False):
+        bits[i] = BITS[int(np.clip(BITS.index(base) + rng.choice([-2, -1, 1, 2]), 0,
+                                   len(BITS) - 1))]
+    order = rng.permutation(num)
+    while int(bits @ params) > cap:  # lower random layers still above the minimum
+        i = next(i for i in order if bits[i] > BITS[0] and rng.random() < 0.5) \
+            if any(bits > BITS[0]) else None
+        if i is None:
+            break
+        bits[i] = BITS[BITS.index(int(bits[i])) - 1]
+    for i in order:  # fill: raise one step where it still fits
+        if bits[i] < BITS[-1]:
+            up = BITS[BITS.index(int(bits[i])) + 1]
+            if int(bits @ params) + (up - bits[i]) * params[i] <= cap:
+                bits[i] = up
+    return [int(b) for b in bits]
+
+
+def corr(a: argparse.Namespace) -> None:
+    store = Store(a.out, vars(a))
+    train, test = fashion_mnist("train"), fashion_mnist("test")
+    name, ab = a.model, a.corr_bits
+    model = zoo.load(name)
+    prof = profile(model, train, num_samples=PROFILE_SAMPLES, seed=0, progress=False)
+    names = prof.names
+    params = np.array([layer.params for layer in prof.layers], dtype=np.int64)
+    cap = int(ab * params.sum())
+    rng = np.random.default_rng(1234)
+    configs = [neighbour(rng, params, int(ab), cap) for _ in range(a.configs)]
+    hawq = proxies.proxy_values("hawq", prof, BITS, model=model, data=train, seed=0, **HAWQ)
+    objs = {m: _objective_values(prof, m) for m in ("error", "orm", "orm-linear")}
+    for k, bits in enumerate(configs):
+        for seed in ([0, 1] if k < a.repeat else [0]):
+            if store.has(kind="corr", model=name, avg_bits=ab, seed=seed, config=k):
+                continue
+            wb = dict(zip(names, bits))
+            q = ptq(model, wb, train, num_samples=CALIB, iters=0, act_iters=0, seed=seed,
+                    progress=False)
+            acc = correct_mask(q, test.tensors)
+            rec = {"kind": "corr", "model": name, "avg_bits": ab, "seed": seed, "config": k,
+                   "bits": wb, "size_mb": int(np.dot(bits, params)) / 8 / 2 ** 20,
+                   "top1": float(acc.float().mean() * 100), "n": int(acc.numel()),
+                   "objective": {"hawq": sum(hawq.values[n][wb[n]] for n in names)}}
+            for m, table in objs.items():
+                rec["objective"][m] = sum(table[n][wb[n]] for n in names)
+            store.add(rec)
+            print(f"[corr {name} {k} seed {seed}] top1 {rec['top1']:.2f}", flush=True)
+
+
+def _objective_values(prof, method: str) -> dict:
+    """layer -> {bits: value} of an objective (values the ILP maximises)."""
+    from ompq import objectives
+
+    cand = {n: BITS for n in prof.names}
+    obj = objectives.build(method, prof, cand, beta=objectives.DEFAULT_BETA, seed=0)
+    return dict(zip(prof.names, obj.values))
+
+
+# ----------------------------------------------------------------------------- report
+def load(paths: list[str]) -> list[dict]:
+    recs = []
+    for p in paths:
+        with open(p) as fh:
+            recs += json.load(fh)["records"]
+    return recs
+
+
+def paired_ci(a: list[dict], b: list[dict], rng: np.random.Generator, reps: int = 2000
+              ) -> tuple[float, float, float, int]:
+    """Mean paired difference (points) of top-1 a − b over common seeds, and a 95 % bootstrap CI
+    resampling seeds and, within each, images."""
+    seeds = sorted({r["seed"] for r in a} & {r["seed"] for r in b})
+    if not seeds:
+        return float("nan"), float("nan"), float("nan"), 0
+    da = {r["seed"]: unpack(r["correct"], r["n"]) for r in a}
+    db = {r["seed"]: unpack(r["correct"], r["n"]) for r in b}
+    diffs = np.stack([da[s].astype(np.int8) - db[s].astype(np.int8) for s in seeds])  # S×N
+    mean = diffs.mean() * 100
+    n = diffs.shape[1]
+    boots = np.empty(reps)
+    for k in range(reps):
+        ss = rng.integers(0, len(seeds), len(seeds))
+        idx = rng.integers(0, n, n)
+        boots[k] = diffs[ss][:, idx].mean() * 100
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(mean), float(lo), float(hi), len(seeds)
+
+
+def report(a: argparse.Namespace) -> None:
+    recs = load(a.paths)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"grid": [], "targets": {}, "correlation": None}
+    ptq_recs = [r for r in recs if r["kind"] == "ptq"]
+    lines = []
+    for stage in ("rtn", "adaround"):
+        rows = [r for r in ptq_recs if r["stage"] == stage]
+        if not rows:
+            continue
+        lines += [f"\n### {stage}: top-1 % on the 10 000 test images (mean over seeds)\n",
+                  "| model | avg bits | A | " + " | ".join(METHODS) +
+                  " | error − uniform [95 % CI] | error − hawq [95 % CI] | seeds |",
+                  "|---|---|---|" + "---|" * len(METHODS) + "---|---|---|"]
+        for name in sorted({r["model"] for r in rows}):
+            for ab, act in BUDGETS:
+                cell = {m: [r for r in rows if r["model"] == name and r["avg_bits"] == ab
+                            and r["act_bits"] == act and r["method"] == m] for m in METHODS}
+                if not cell["error"]:
+                    continue
+                vals = []
+                for m in METHODS:
+                    if not cell[m]:
+                        vals.append("–")
+                        continue
+                    mean = np.mean([r["top1"] for r in cell[m]])
+                    tag = " (2-bit floor)" if m == "uniform" and cell[m][0].get("floor") else ""
+                    vals.append(f"{mean:.2f}{tag}")
+                du = paired_ci(cell["error"], cell["uniform"], rng)
+                dh = paired_ci(cell["error"], cell["hawq"], rng)
+                best = {m: paired_ci(cell["error"], cell[m], rng) for m in
+                        ("uniform", "hawq", "orm") if cell[m]}
+                row = {"stage": stage, "model": name, "avg_bits": ab, "act_bits": act,
+                       "mean": {m: (float(np.mean([r["top1"] for r in cell[m]]))
+                                    if cell[m] else None) for m in METHODS},
+                       "seeds": {m: len(cell[m]) for m in METHODS},
+                       "diff": {k: dict(zip(("mean", "lo", "hi", "seeds"), v))
+                                for k, v in best.items()},
+                       "uniform_floor": bool(cell["uniform"] and cell["uniform"][0].get("floor"))}
+                for m in ("random", "orm-linear"):
+                    if cell[m]:
+                        row["diff"][m] = dict(zip(("mean", "lo", "hi", "seeds"),
+                                                  paired_ci(cell["error"], cell[m], rng)))
+                out["grid"].append(row)
+                lines.append(f"| {name} | {ab:g} | {act} | " + " | ".join(vals) +
+                             f" | {du[0]:+.2f} [{du[1]:+.2f}, {du[2]:+.2f}] | "
+                             f"{dh[0]:+.2f} [{dh[1]:+.2f}, {dh[2]:+.2f}] | {du[3]} |")
+    lines += search_table(ptq_recs)
+    c = [r for r in recs if r["kind"] == "corr"]
+    if c:
+        out["correlation"], more = correlation_report(c, ptq_recs, rng)
+        lines += more
+    lines += targets(out)
+    print("\n".join(lines))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+def search_table(rows: list[dict]) -> list[str]:
+    lines = ["\n### Search time (s, median over budgets and seeds)\n",
+             "| model | plain profile | error (profile + table + ILP) | orm | orm-linear | hawq "
+             "(trace + ILP) | error ÷ plain | hawq ÷ error |", "|---|---|---|---|---|---|---|---|"]
+    for name in sorted({r["model"] for r in rows}):
+        med = {m: float(np.median([r["search_seconds"] for r in rows
+                                   if r["model"] == name and r["method"] == m] or [np.nan]))
+               for m in METHODS}
+        plain = float(np.median([r["plain_profile_seconds"] for r in rows
+                                 if r["model"] == name and r["plain_profile_seconds"] > 0]))
+        lines.append(f"| {name} | {plain:.3f} | {med['error']:.3f} | {med['orm']:.3f} | "
+                     f"{med['orm-linear']:.3f} | {med['hawq']:.2f} | "
+                     f"{med['error'] / plain:.1f}× | {med['hawq'] / med['error']:.0f}× |")
+    return lines
+
+
+def correlation_report(c: list[dict], ptq_recs: list[dict], rng) -> tuple[dict, list[str]]:
+    from scipy.stats import kendalltau, spearmanr
+
+    base = sorted([r for r in c if r["seed"] == 0], key=lambda r: r["config"])
+    acc = np.array([r["top1"] for r in base])
+    res: dict[str, Any] = {"n_configs": len(base), "model": base[0]["model"],
+                           "avg_bits": base[0]["avg_bits"], "objectives": {}}
+    lines = [f"\n### Correlation: {len(base)} configurations of {base[0]['model']} at "
+             f"{base[0]['avg_bits']:g} bits, round-to-nearest, full test split\n",
+             "| objective | Kendall τ [95 % CI] | p | Spearman ρ [95 % CI] | p |",
+             "|---|---|---|---|---|"]
+    for m in ("error", "orm", "orm-linear", "hawq"):
+        obj = np.array([r["objective"][m] for r in base])
+        tau, tp = kendalltau(obj, acc)
+        rho, rp = spearmanr(obj, acc)
+        bt, br = [], []
+        for _ in range(1000):
+            idx = rng.integers(0, len(acc), len(acc))
+            bt.append(kendalltau(obj[idx], acc[idx])[0])
+            br.append(spearmanr(obj[idx], acc[idx])[0])
+        ci_t = np.nanpercentile(bt, [2.5, 97.5])
+        ci_r = np.nanpercentile(br, [2.5, 97.5])
+        res["objectives"][m] = {"kendall_tau": float(tau), "kendall_p": float(tp),
+                                "tau_ci": [float(x) for x in ci_t], "spearman_rho": float(rho),
+                                "spearman_p": float(rp), "rho_ci": [float(x) for x in ci_r]}
+        lines.append(f"| {m} | {tau:.3f} [{ci_t[0]:.3f}, {ci_t[1]:.3f}] | {tp:.1e} | "
+                     f"{rho:.3f} [{ci_r[0]:.3f}, {ci_r[1]:.3f}] | {rp:.1e} |")
+    rep = {r["config"]: r["top1"] for r in c if r["seed"] == 1}
+    if len(rep) >= 3:
+        pairs = np.array([(b["top1"], rep[b["config"]]) for b in base if b["config"] in rep])
+        tau_rep = kendalltau(pairs[:, 0], pairs[:, 1])[0]
+        sd = float(np.std(pairs[:, 0] - pairs[:, 1]) / np.sqrt(2))
+        res["repeatability"] = {"n": len(pairs), "kendall_tau": float(tau_rep),
+                                "seed_sd_points": sd}
+        lines.append(f"\nNoise ceiling: Kendall τ between two calibration seeds over "
+                     f"{len(pairs)} configurations = {tau_rep:.3f}; seed-to-seed SD of top-1 "
+                     f"{sd:.2f} points.")
+    default = [r for r in ptq_recs if r["stage"] == "rtn" and r["model"] == res["model"]
+               and r["avg_bits"] == res["avg_bits"] and r["act_bits"] == 8
+               and r["method"] == "error" and r["seed"] == 0]
+    if default:
+        pct = float((acc < default[0]["top1"]).mean() * 100)
+        res["default_top1"], res["default_percentile"] = default[0]["top1"], pct
+        lines.append(f"The default's allocation (seed 0, {default[0]['top1']:.2f} %) is above "
+                     f"{pct:.0f} % of the sampled configurations (median {np.median(acc):.2f} "
+                     f"%, 95th percentile {np.percentile(acc, 95):.2f} %).")
+    return res, lines
+
+
+def targets(out: dict) -> list[str]:
+    lines = ["\n### Targets\n"]
+    grid = out["grid"]
+    t1 = [g for g in grid if not g["uniform_floor"] and "uniform" in g["diff"]]
+    ok1 = all(g["diff"]["uniform"]["mean"] >= 0 and g["diff"]["uniform"]["lo"] > -0.2 for g in t1)
+    t1b = [g for g in grid if g["uniform_floor"] and "uniform" in g["diff"]]
+    ok1b = all(g["diff"]["uniform"]["lo"] > 0 for g in t1b)
+    lines.append(f"- default ≥ uniform at exactly-uniform budgets (mean ≥ 0, CI low > −0.2): "
+                 f"{'met' if ok1 else 'NOT met'} in {sum(1 for g in t1 if g['diff']['uniform']['mean'] >= 0 and g['diff']['uniform']['lo'] > -0.2)}/{len(t1)} rows")
+    lines.append(f"- default clearly above uniform where uniform drops a width (CI low > 0): "
+                 f"{'met' if ok1b else 'NOT met'} in "
+                 f"{sum(1 for g in t1b if g['diff']['uniform']['lo'] > 0)}/{len(t1b)} rows")
+    fails = []
+    for g in grid:
+        best = max(v for m, v in g["mean"].items() if m in ("uniform", "hawq") and v is not None)
+        if g["mean"]["error"] < best - 0.2:
+            fails.append(f"{g['stage']} {g['model']} {g['avg_bits']:g}b A{g['act_bits']}: "
+                         f"{g['mean']['error']:.2f} vs {best:.2f}")
+    lines.append(f"- default ≥ best of uniform, HAWQ-trace, error-only − 0.2 in every row "
+                 f"(error-only is the default itself): {'met' if not fails else 'NOT met'} "
+                 f"({len(grid) - len(fails)}/{len(grid)} rows)" +
+                 ("; missed: " + "; ".join(fails) if fails else ""))
+    orm_rows = [g for g in grid if "orm" in g["diff"]]
+    helps = [g for g in orm_rows if g["diff"]["orm"]["hi"] < 0]
+    hurts = [g for g in orm_rows if g["diff"]["orm"]["lo"] > 0]
+    lines.append(f"- ORM-weighted vs θ ≡ 1: ORM better with CI excluding 0 in {len(helps)} "
+                 f"rows, worse in {len(hurts)} rows, of {len(orm_rows)}")
+    out["targets"] = {"uniform_exact": ok1, "uniform_floor": ok1b, "best_minus_0.2": not fails,
+                      "orm_helps_rows": len(helps), "orm_hurts_rows": len(hurts)}
+    c = out.get("correlation")
+    if c:
+        e = c["objectives"]["error"]
+        lines.append(f"- Kendall τ(default, accuracy) ≥ 0.4 with p < 0.01: "
+                     f"{'met' if e['kendall_tau'] >= 0.4 and e['kendall_p'] < 0.01 else 'NOT met'}"
+                     f" (τ = {e['kendall_tau']:.3f}, p = {e['kendall_p']:.1e})")
+        if "default_percentile" in c:
+            lines.append(f"- default at or above the 95th percentile of sampled configurations: "
+                         f"{'met' if c['default_percentile'] >= 95 else 'NOT met'} "
+                         f"({c['default_percentile']:.0f}th)")
+    return lines
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=None, help="zoo models (default: all shipped)")
-    p.add_argument("--avg-bits", nargs="+", type=float, default=[2.5, 3.0, 4.0])
-    p.add_argument("--iters", type=int, default=0,
-                   help="AdaRound iterations per block (0 = nearest rounding, MSE scales)")
-    p.add_argument("--act-iters", type=int, default=0, help="LSQ act iterations per block")
-    p.add_argument("--calib", type=int, default=128, help="calibration samples")
-    p.add_argument("--eval", type=int, default=1000, help="test samples evaluated")
-    p.add_argument("--corr-configs", type=int, default=30)
-    p.add_argument("--corr-iters", type=int, default=0,
-                   help="AdaRound iterations for the correlation configs (0 = nearest rounding)")
-    p.add_argument("--corr-avg-bits", type=float, default=3.0)
-    p.add_argument("--corr-models", nargs="+", default=["resnet20"])
-    p.add_argument("--qat-avg-bits", type=float, default=3.0)
-    p.add_argument("--qat-samples", type=int, default=512)
-    p.add_argument("--qat-models", nargs="+", default=["resnet20"])
-    p.add_argument("--hawq-iters", type=int, default=100, help="max Hutchinson vectors")
-    p.add_argument("--hawq-samples", type=int, default=128, help="Hessian batch (samples)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/allocation_study.json"))
-    p.add_argument("--threads", type=int, default=2)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the PTQ grid")
+    r.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    r.add_argument("--stage", choices=tuple(STAGES), default="rtn")
+    r.add_argument("--avg-bits", nargs="+", type=float, default=[2.0, 2.5, 3.0, 4.0])
+    r.add_argument("--no-act4", dest="act4", action="store_false",
+                   help="skip the 3-bit / A4 row")
+    r.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--out", required=True)
+    c = sub.add_parser("corr", help="objective-accuracy correlation over sampled configurations")
+    c.add_argument("--model", default="resnet20")
+    c.add_argument("--corr-bits", type=float, default=3.0)
+    c.add_argument("--configs", type=int, default=100)
+    c.add_argument("--repeat", type=int, default=30, help="configs also run with seed 1")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--out", required=True)
+    rep = sub.add_parser("report", help="tables, paired CIs and targets from result shards")
+    rep.add_argument("paths", nargs="+")
+    rep.add_argument("--json", default=None, help="also write the summary here")
     return p.parse_args(argv)
 
 
-def save(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> int:
+def main(argv: Optional[list] = None) -> int:
     a = parse(argv)
-    torch.set_num_threads(a.threads)
-    t_start = time.perf_counter()
-    _cache_hawq(a)
-    models = a.models or [m for m in zoo.list_models() if zoo.checkpoint_path(m).exists()]
-    train, test = fashion_mnist("train"), fashion_mnist("test")
-    ev = (test.tensors[0][:a.eval], test.tensors[1][:a.eval])
-    doc = {"format": "ompq.AllocationStudy", "version": 1, "settings": vars(a),
-           "machine": {"cpu_threads": a.threads, "platform": platform.platform(),
-                       "torch": torch.__version__}, "records": [], "correlation": []}
-    recs = doc["records"]
-    for name in models:
-        model = zoo.load(name)
-        fp = evaluate(model, ev, progress=False)
-        recs.append({"model": name, "budget_avg_bits": None, "budget_mb": None, "method": "fp32",
-                     "stage": "fp32", "bits": None, "size_mb": None, "bops_g": None,
-                     "top1": fp["top1"], "loss": fp["loss"], "n_eval": fp["n"], "seconds": 0.0})
-        print(f"[{name}] fp32 top1 {fp['top1']:.2f}", flush=True)
-        t0 = time.perf_counter()
-        prof = profile(model, train, num_samples=64, seed=0, progress=False)
-        prof_s = time.perf_counter() - t0
-        total = sum(layer.params for layer in prof.layers)
-        sizes = [ab * total / 8 / 2 ** 20 for ab in a.avg_bits]
-        cfgs: dict[str, list] = {}
-        secs: dict[str, float] = {}
-        for method in ("uniform", "orm", "hawq", "random"):
-            kw = {}  # proxy="uniform" ties all layers itself
-            if method == "hawq":
-                kw.update(model=model, data=train)
-            t1 = time.perf_counter()
-            out = allocate(prof, size_mb=list(sizes), bits=BITS, act_bits=8, proxy=method,
-                           seed=0, **kw)
-            secs[method] = time.perf_counter() - t1 + (prof_s if method == "orm" else 0.0)
-            cfgs[method] = out
-            print(f"[{name}] search {method}: {secs[method]:.2f} s", flush=True)
-        doc.setdefault("search_seconds", {})[name] = dict(secs, profile=prof_s)
-        for ab, s, k in zip(a.avg_bits, sizes, range(len(sizes))):
-            for method in ("uniform", "orm", "hawq", "random"):
-                cfg = cfgs[method][k]
-                t1 = time.perf_counter()
-                q = ptq(model, cfg, train, num_samples=a.calib, iters=a.iters,
-                        act_iters=a.act_iters, seed=0, progress=False)
-                ptq_s = time.perf_counter() - t1
-                r = evaluate(q, ev, progress=False)
-                recs.append({"model": name, "budget_avg_bits": ab, "budget_mb": s,
-                             "method": method, "stage": "ptq", "bits": cfg.weight_bits,
-                             "size_mb": cfg.size_mb, "bops_g": cfg.bops_g, "top1": r["top1"],
-                             "loss": r["loss"], "n_eval": r["n"],
-                             "seconds": secs[method], "ptq_seconds": ptq_s})
-                print(f"[{name}] {ab} bits {method:8s} size {cfg.size_mb:.4f} MiB "
-                      f"top1 {r['top1']:.2f} (ptq {ptq_s:.0f} s)", flush=True)
-                save(a.out, doc)
-        if name in a.qat_models and a.qat_avg_bits in a.avg_bits:
-            k = a.avg_bits.index(a.qat_avg_bits)
-            g = torch.Generator().manual_seed(0)
-            idx = torch.randperm(len(train), generator=g)[:a.qat_samples]
-            sub = (train.tensors[0][idx], train.tensors[1][idx])
-            for method in ("uniform", "orm", "hawq", "random"):
-                cfg = cfgs[method][k]
-                t1 = time.perf_counter()
-                q = qat(model, cfg, sub, epochs=1, lr=1e-3, batch_size=64, method="lsq",
-                        seed=0, progress=False)
-                r = evaluate(q, ev, progress=False)
-                recs.append({"model": name, "budget_avg_bits": a.qat_avg_bits,
-                             "budget_mb": sizes[k], "method": method, "stage": "qat",
-                             "bits": cfg.weight_bits, "size_mb": cfg.size_mb,
-                             "bops_g": cfg.bops_g, "top1": r["top1"], "loss": r["loss"],
-                             "n_eval": r["n"], "seconds": secs[method],
-                             "qat_seconds": time.perf_counter() - t1,
-                             "qat": {"epochs": 1, "samples": a.qat_samples, "lr": 1e-3,
-                                     "batch_size": 64, "method": "lsq"}})
-                print(f"[{name}] QAT {a.qat_avg_bits} bits {method:8s} top1 {r['top1']:.2f}",
-                      flush=True)
-                save(a.out, doc)
-        if name in a.corr_models:
-            doc["correlation"].append(correlation(a, name, model, prof, train, ev))
-            save(a.out, doc)
-    doc["total_seconds"] = time.perf_counter() - t_start
-    save(a.out, doc)
-    print(table(doc))
+    if hasattr(a, "threads"):
+        torch.set_num_threads(a.threads)
+    {"run": run, "corr": corr, "report": report}[a.cmd](a)
     return 0
-
-
-def _cache_hawq(a) -> None:
-    """Compute the Hessian traces once per model: allocate's sweep and the correlation reuse
-    them (the recorded search time is that of the one computation)."""
-    orig = proxies.proxy_values
-    cache: dict = {}  # keyed by the model itself (kept alive here, so never confused)
-
-    def cached(proxy, prof, cand, **kw):
-        if proxy != "hawq":
-            return orig(proxy, prof, cand, **kw)
-        key = kw.get("model")
-        if key not in cache:
-            kw.setdefault("num_samples", a.hawq_samples)
-            kw.setdefault("max_iters", a.hawq_iters)
-            cache[key] = orig(proxy, prof, BITS, **kw)
-        return cache[key]
-
-    proxies.proxy_values = cached
-
-
-def correlation(a, name, model, prof, train, ev) -> dict:
-    from scipy.stats import kendalltau, spearmanr
-    total = sum(layer.params for layer in prof.layers)
-    size = a.corr_avg_bits * total / 8 / 2 ** 20
-    orm_cfg = allocate(prof, size_mb=size, bits=BITS, proxy="orm")
-    hawq = proxies.proxy_values("hawq", prof, BITS, model=model, data=train, seed=0)
-    rows = []
-    for seed in range(a.corr_configs):
-        cfg = allocate(prof, size_mb=size, bits=BITS, proxy="random", seed=seed + 1)
-        q = ptq(model, cfg, train, num_samples=a.calib, iters=a.corr_iters,
-                act_iters=0, seed=0, progress=False)
-        r = evaluate(q, ev, progress=False)
-        wb = cfg.weight_bits
-        rows.append({"seed": seed + 1, "bits": wb, "size_mb": cfg.size_mb, "bops_g": cfg.bops_g,
-                     "top1": r["top1"],
-                     "orm_objective": sum(wb[n] * orm_cfg.importance[n] for n in wb),
-                     "hawq_objective": sum(hawq.values[n][wb[n]] for n in wb)})
-        print(f"[{name}] corr {seed + 1}: top1 {r['top1']:.2f}", flush=True)
-    acc = [r["top1"] for r in rows]
-    out = {"model": name, "budget_avg_bits": a.corr_avg_bits, "budget_mb": size,
-           "n_configs": len(rows), "ptq_iters": a.corr_iters, "configs": rows}
-    for key in ("orm", "hawq"):
-        obj = [r[f"{key}_objective"] for r in rows]
-        tau, tp = kendalltau(obj, acc)
-        rho, rp = spearmanr(obj, acc)
-        out[key] = {"kendall_tau": _f(tau), "kendall_p": _f(tp), "spearman_rho": _f(rho),
-                    "spearman_p": _f(rp)}
-    return out
-
-
-def _f(x) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) else x
-
-
-def table(doc: dict) -> str:
-    lines = ["| model | avg bits | size MiB | stage | method | top-1 % | search s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in doc["records"]:
-        ab = "-" if r["budget_avg_bits"] is None else f"{r['budget_avg_bits']:g}"
-        sz = "-" if r["size_mb"] is None else f"{r['size_mb']:.4f}"
-        lines.append(f"| {r['model']} | {ab} | {sz} | {r['stage']} | {r['method']} | "
-                     f"{r['top1']:.2f} | {r['seconds']:.2f} |")
-    for c in doc["correlation"]:
-        lines.append("")
-        lines.append(f"Correlation, {c['model']}, {c['n_configs']} random configs at "
-                     f"{c['budget_avg_bits']:g} avg bits (PTQ iters {c['ptq_iters']}):")
-        for key in ("orm", "hawq"):
-            s = c[key]
-            lines.append(f"- {key}: Kendall tau {s['kendall_tau']} (p {s['kendall_p']}), "
-                         f"Spearman rho {s['spearman_rho']} (p {s['spearman_p']})")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

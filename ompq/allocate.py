@@ -510,15 +510,22 @@ def _values(profile: Profile, proxy: Any, beta: float, cand: dict[str, tuple[int
     if isinstance(proxy, Mapping) or proxy in objectives.OBJECTIVES:
         obj = objectives.build(proxy, profile, cand, beta=beta, seed=seed, distortion=distortion)
         return obj.name, obj.importance, obj.values, 0.0, None, obj.linear
-    if not isinstance(proxy, str):
-        raise TypeError(f"proxy must be a name or a dict layer -> importance, got {proxy!r}")
     from . import proxies  # lazy: optional heavier dependencies
 
-    res = proxies.proxy_values(proxy, profile, cand, model=model, data=data, seed=seed)
+    if isinstance(proxy, proxies.ProxyResult):  # precomputed values of any method
+        res, proxy = proxy, str(proxy.info.get("name", "values"))
+    elif isinstance(proxy, str):
+        res = proxies.proxy_values(proxy, profile, cand, model=model, data=data, seed=seed)
+    else:
+        raise TypeError(f"proxy must be a name, a dict layer -> importance or a "
+                        f"ompq.proxies.ProxyResult, got {proxy!r}")
     values = []
     for n in names:
         if n not in res.values:
             raise ValueError(f"proxy {proxy!r} gave no values for layer {n!r}")
+        missing = [b for b in cand[n] if b not in res.values[n]]
+        if missing:
+            raise ValueError(f"proxy {proxy!r} gave no value for layer {n!r} at {missing} bits")
         row = {int(b): float(res.values[n][b]) for b in cand[n]}
         if not all(math.isfinite(v) for v in row.values()):
             raise ValueError(f"proxy {proxy!r} gave non-finite values for layer {n!r}: {row}")
@@ -565,8 +572,10 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     `beta`: ORM importance temperature (`ompq.objectives`). `method`: "ilp" (exact, CP-SAT) or
     "lp-round". `proxy`: the objective (`ompq.objectives`): "error" (default: Σ D_i(b_i)),
     "orm" (ORM-weighted distortion), "random" (shuffled ORM weights, a null control),
-    "orm-linear" (the paper's Σ b_i·w_i), a dict layer -> θ, or a baseline of
-    `ompq.proxies.proxy_values` ("hawq", "uniform"; `model`, `data` are passed on). `seed` seeds
+    "orm-linear" (the paper's Σ b_i·w_i), a dict layer -> θ, a baseline of
+    `ompq.proxies.proxy_values` ("hawq", "uniform"; `model`, `data` are passed on), or a
+    `ompq.proxies.ProxyResult` holding any method's values (layer -> {bits: value}, maximised;
+    its `info["name"]` labels the BitConfig). `seed` seeds
     "random" and "hawq". `distortion`: the table row the distortion objectives use ("output":
     the layer's output noise-to-signal ratio, or "weight": the weight's squared error).
     Raises InfeasibleBudgetError (with the achievable size/BOPs range) when no assignment fits.

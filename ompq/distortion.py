@@ -5,7 +5,8 @@ forward), with the layer's weight as PTQ quantizes it:
 
 - `W_f` is the weight with a directly following BatchNorm folded in (the pairs PTQ folds,
   `quantizers.find_conv_bn_pairs`), and `Q_b` is PTQ's weight quantizer (asymmetric,
-  per output channel, MSE-initialised scale);
+  per output channel, MSE-initialised scale; the scale search runs coarse to fine,
+  `quantizers.search_scale`, which matches PTQ's exhaustive search but for rare near-ties);
 - ``weight[b] = ‖Q_b(W_f) − W_f‖²`` (sum of squares, weight units²): the data-free error;
 - ``output[b] = ‖(Q_b(W_f) − W_f) ⊛ x‖² / ‖W_f ⊛ x − mean‖²``: the noise-to-signal ratio (NSR,
   dimensionless) of the layer's folded output on its real input x, over the first `samples`
@@ -24,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantizers import WeightQuantizer
+from .quantizers import search_scale, weight_qrange
+from . import ops
 
 DISTORTION_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 KINDS = ("output", "weight")
-DEFAULT_SAMPLES = 32
+DEFAULT_SAMPLES = 16
 
 
 class DistortionTableError(ValueError):
@@ -153,10 +155,11 @@ class LayerMeter:
         if self.scale is not None:
             w = w * self.scale.to(w.device).reshape([-1] + [1] * (w.dim() - 1))
         deltas = []
+        wc = w.reshape(w.shape[0], -1)
         for k, b in enumerate(self.bits):
-            wq = WeightQuantizer(b, w.shape[0]).to(w.device)
-            wq.init_scale(w, "mse")
-            d = wq(w) - w
+            scale, zp = search_scale(wc, b)
+            qmin, qmax = weight_qrange(b, False)
+            d = (ops.fake_quant(wc, scale, zp, qmin, qmax, 0) - wc).reshape(w.shape)
             self.weight[k] = float(d.double().square().sum())
             deltas.append(d)
         self.w_folded = w

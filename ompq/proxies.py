@@ -185,5 +185,5 @@ def proxy_values(proxy: str, profile: Any, candidates: Union[Sequence[int], Mapp
         w = model.get_submodule(n).weight.detach()
         values[n] = {b: -imp[n] * quant_perturbation(w, b) for b in cands[n]}
     return ProxyResult(values, imp, time.perf_counter() - t0,
-                       info={"hutchinson_vectors": used, "trace_seconds": t_trace,
+                       info={"name": "hawq", "hutchinson_vectors": used, "trace_seconds": t_trace,
                              "traces": traces, "num_samples": int(x.size(0))})

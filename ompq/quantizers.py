@@ -75,6 +75,47 @@ def _scale_zp_from_range(lo: Tensor, hi: Tensor, bits: int, symmetric: bool
     return scale, zp
 
 
+_SEARCH_ELEMS = 1 << 24  # elements per batched step of `search_scale` (64 MiB of fp32)
+
+
+def _lp_errors(wc: Tensor, lo: Tensor, hi: Tensor, ratios: Tensor, bits: int, symmetric: bool,
+               p: float) -> Tensor:
+    """Lp error (mean over each row of wc, C×K) of quantizing with the range [lo, hi]·ratio, for
+    every row of `ratios` (R×C); returns R×C."""
+    qmin, qmax = weight_qrange(bits, symmetric)
+    num_r, (chans, k) = ratios.shape[0], wc.shape
+    s, z = _scale_zp_from_range(lo * ratios, hi * ratios, bits, symmetric)
+    q = ops.fake_quant(wc.expand(num_r, chans, k).reshape(-1, k), s.reshape(-1),
+                       z.reshape(-1), qmin, qmax, 0)
+    return (q.reshape(num_r, chans, k) - wc).abs_().pow_(p).mean(dim=2)
+
+
+@torch.no_grad()
+def search_scale(wc: Tensor, bits: int, *, symmetric: bool = False, p: float = 2.4,
+                 num_ratios: int = 80, stride: int = 4) -> tuple[Tensor, Tensor]:
+    """Per-row (scale, zero point) of wc (C×K) minimising the Lp error over the clipping ratios
+    1.0, 0.99, …, 1 − (num_ratios−1)/100 of each row's range, coarse to fine: every `stride`-th
+    ratio, then the ratios within `stride` − 1 of the best. It equals the exhaustive search of
+    `WeightQuantizer.init_scale(method="mse")` unless the error has a dip narrower than the
+    stride; `stride=1` is the exhaustive search. Batched over ratios and channels."""
+    lo, hi = wc.min(dim=1).values, wc.max(dim=1).values
+    best_j = torch.empty(wc.shape[0], dtype=torch.long, device=wc.device)
+    rows = max(1, _SEARCH_ELEMS // max(wc.shape[1] * (num_ratios // stride + 2 * stride), 1))
+    for c0 in range(0, wc.shape[0], rows):
+        w, lo_c, hi_c = wc[c0:c0 + rows], lo[c0:c0 + rows], hi[c0:c0 + rows]
+        coarse = torch.arange(0, num_ratios, stride, device=wc.device)
+        js = coarse[:, None].expand(-1, w.shape[0])
+        err = _lp_errors(w, lo_c, hi_c, 1.0 - 0.01 * js.float(), bits, symmetric, p)
+        centre = js.gather(0, err.argmin(dim=0, keepdim=True))
+        offsets = torch.arange(1 - stride, stride, device=wc.device)[:, None]
+        fine = (centre + offsets).clamp(0, num_ratios - 1)
+        err = _lp_errors(w, lo_c, hi_c, 1.0 - 0.01 * fine.float(), bits, symmetric, p)
+        # argmin takes the first minimum: the largest ratio wins ties, as in the exhaustive search
+        best_j[c0:c0 + rows] = fine.gather(0, err.argmin(dim=0, keepdim=True))[0]
+    r = 1.0 - 0.01 * best_j.float()
+    return _scale_zp_from_range(lo * r, hi * r, bits, symmetric)
+
+
 class WeightQuantizer(nn.Module):
     """Per-channel weight fake-quantizer.
 
