@@ -154,9 +154,10 @@ def test_custom_importance_and_proxy_values_brute_force(monkeypatch):
         return types.SimpleNamespace(values=vals, importance={n: 1.0 for n in profile.names},
                                      seconds=0.01, tie=None)
 
-    importlib.import_module("ompq.proxies")  # else ompq.__getattr__ hands undo the fake
+    real = importlib.import_module("ompq.proxies")  # else ompq.__getattr__ hands undo the fake
     fake = types.ModuleType("ompq.proxies")
     fake.proxy_values = proxy_values
+    fake.ProxyResult = real.ProxyResult
     monkeypatch.setitem(sys.modules, "ompq.proxies", fake)
     monkeypatch.setattr(ompq, "proxies", fake, raising=False)
     cfg = allocate(prof, size_mb=s, bits=(2, 3, 4, 6), proxy="hawq", model="M", seed=4)
@@ -165,6 +166,16 @@ def test_custom_importance_and_proxy_values_brute_force(monkeypatch):
               for i, n in enumerate(prof.names)]
     check_against_brute(prof, cfg, values, cand, act, s, None)
     assert cfg.proxy == "hawq"
+    # precomputed values of any method (the benchmark-harness path): same optimum
+    res = real.ProxyResult(values={n: {c: values[i][c] for c in cand[n]}
+                                   for i, n in enumerate(prof.names)},
+                           importance={}, seconds=0.0, info={"name": "mine"})
+    cfg = allocate(prof, size_mb=s, bits=(2, 3, 4, 6), proxy=res)
+    check_against_brute(prof, cfg, values, cand, act, s, None)
+    assert cfg.proxy == "mine"
+    res.values[prof.names[2]].pop(4)
+    with pytest.raises(ValueError, match=r"no value for layer 'layer2.conv' at \[4\] bits"):
+        allocate(prof, size_mb=s, bits=(2, 3, 4, 6), proxy=res)
 
 
 def test_importance_normalisation():
