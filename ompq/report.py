@@ -8,11 +8,13 @@ A report folder holds
   list of records, one per evaluated model, with at least ``method`` (e.g. ``"fp32"``,
   ``"uniform"``, ``"ompq"``), ``size_mb`` (MiB of quantized weights), ``bops_g`` (GBOPs per
   sample) and ``top1`` (%); optional ``seconds`` (dict stage -> seconds), ``w_bits``, ``a_bits``.
+  Optional ``"sweep"``: records of `ompq.frontier.frontier` (method, avg_bits, size_mb, top1, n,
+  stage), the accuracy-against-size curves.
 - ``orm_heatmap.png`` — the L×L orthogonality matrix with layer names.
 - ``bits_importance.png`` — per-layer weight bits (bars, left axis) beside the importance θ
   (bars, right axis).
-- ``pareto.png`` — top-1 (%) against size (MiB) for every method that has results, with the
-  non-dominated (Pareto) points of each method joined.
+- ``pareto.png`` — top-1 (%) against size (MiB): one curve per method of the sweep (if any),
+  the results as large markers, FP32 as a dashed line; the legend sits beside the axes.
 - ``report.md`` — the tables and links to the figures (written by `render_report`).
 
 Figures are drawn with the Agg backend at a fixed size (`FIGURE_PIXELS`) so that tests and
@@ -39,7 +41,7 @@ DPI = 100
 FIGURE_PIXELS: dict[str, tuple[int, int]] = {
     "orm_heatmap.png": (900, 800),
     "bits_importance.png": (1000, 500),
-    "pareto.png": (800, 550),
+    "pareto.png": (1000, 550),
 }
 PathLike = Union[str, os.PathLike]
 
@@ -193,45 +195,50 @@ def plot_bits_importance(names: Sequence[str], bits: Sequence[int],
     return _save(fig, Path(folder), "bits_importance.png")
 
 
-def pareto_points(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Non-dominated (size MiB, top-1 %) points: smaller size and higher accuracy are better;
-    returned sorted by size."""
-    best: list[tuple[float, float]] = []
-    for size, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not best or acc > best[-1][1]:
-            best.append((size, acc))
-    return best
+_STYLES = {"ompq": ("tab:red", "o"), "error": ("tab:red", "o"), "uniform": ("tab:blue", "s"),
+           "hawq": ("tab:green", "^"), "orm-linear": ("tab:purple", "v"), "orm": ("tab:orange", "D"),
+           "fp32": ("black", "*")}
+_LABELS = {"error": "ompq default", "uniform": "uniform", "hawq": "HAWQ-trace",
+           "orm-linear": "paper (orm-linear)", "orm": "ORM-weighted"}
 
 
-def plot_pareto(results: Sequence[Mapping[str, Any]], folder: PathLike) -> Path:
-    """Write ``pareto.png``: top-1 (%) against size (MiB) for each method in `results` (every
-    record is a dot; each method's Pareto points are joined); FP32 is a dashed line."""
+def plot_pareto(results: Sequence[Mapping[str, Any]], folder: PathLike,
+                sweep: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """Write ``pareto.png``: top-1 (%) against size (MiB). Each method of `sweep` is a curve over
+    its budgets (labelled with its PTQ stage and images); each record of `results` is a large
+    marker; FP32 is a dashed line. The legend sits outside the axes, so it covers no data."""
     fig = _new_figure("pareto.png")
-    ax = fig.add_axes([0.11, 0.12, 0.85, 0.8])
-    by_method: dict[str, list[tuple[float, float]]] = {}
+    ax = fig.add_axes([0.08, 0.11, 0.6, 0.8])
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in sweep:
+        curves.setdefault(str(r.get("method", "?")), []).append(
+            (float(r["size_mb"]), float(r["top1"])))
+    for method, pts in curves.items():
+        color, marker = _STYLES.get(method, (None, "x"))
+        pts.sort()
+        stage = next((r.get("stage") for r in sweep if r.get("method") == method), "")
+        n = next((r.get("n") for r in sweep if r.get("method") == method), None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, ms=5,
+                lw=1.2, alpha=0.85, label=f"{_LABELS.get(method, method)} ({stage} sweep"
+                + (f", {n} images)" if n else ")"))
     for r in results:
         if r.get("size_mb") is None or r.get("top1") is None:
             continue
-        by_method.setdefault(str(r.get("method", "?")), []).append(
-            (float(r["size_mb"]), float(r["top1"])))
-    styles = {"ompq": ("tab:red", "o"), "uniform": ("tab:blue", "s"), "fp32": ("black", "*")}
-    for method, pts in sorted(by_method.items()):
-        color, marker = styles.get(method, (None, "^"))
+        method = str(r.get("method", "?"))
+        color, marker = _STYLES.get(method, (None, "^"))
         if method == "fp32":
-            ax.axhline(max(p[1] for p in pts), color="gray", ls="--", lw=1,
-                       label=f"FP32 ({max(p[1] for p in pts):.2f} %)")
+            ax.axhline(float(r["top1"]), color="gray", ls="--", lw=1,
+                       label=f"FP32 ({float(r['top1']):.2f} %)")
             continue
-        xs, ys = zip(*pts)
-        ax.scatter(xs, ys, color=color, marker=marker, alpha=0.6)
-        front = pareto_points(pts)
-        ax.plot([p[0] for p in front], [p[1] for p in front], color=color, marker=marker,
-                label=method)
+        ax.scatter([float(r["size_mb"])], [float(r["top1"])], s=140, color=color, marker=marker,
+                   edgecolors="black", zorder=5,
+                   label=f"{method} ({float(r['top1']):.2f} %)")
     ax.set_xlabel("size of quantized weights (MiB)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Accuracy against size")
     ax.grid(alpha=0.3)
-    if by_method:
-        ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return _save(fig, Path(folder), "pareto.png")
 
 
@@ -242,6 +249,17 @@ def _fmt(v: Any, nd: int = 3) -> str:
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def sweep_table_rows(sweep: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the accuracy-against-size table: one row per average width, one
+    column per method, cells "top-1 (size MiB)"."""
+    methods = list(dict.fromkeys(str(r["method"]) for r in sweep))
+    widths = sorted({float(r["avg_bits"]) for r in sweep})
+    cell = {(str(r["method"]), float(r["avg_bits"])): r for r in sweep}
+    rows = [[f"{w:g}"] + [f"{cell[m, w]['top1']:.2f} ({cell[m, w]['size_mb']:.4f})"
+                          if (m, w) in cell else "–" for m in methods] for w in widths]
+    return ["avg bits"] + [_LABELS.get(m, m) for m in methods], rows
 
 
 def results_table_rows(results: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -275,6 +293,12 @@ def _markdown(data: dict, pngs: Sequence[Path]) -> str:
         parts += [f"Model: `{model}`", ""]
     if results:
         parts += ["## Results", "", _md_table(*results_table_rows(results)), ""]
+    sweep = data.get("sweep") or []
+    if sweep:
+        parts += ["## Accuracy against size", "",
+                  f"Round-to-nearest PTQ, top-1 % on {sweep[0].get('n')} test images, per "
+                  "average weight width (size MiB in brackets).", "",
+                  _md_table(*sweep_table_rows(sweep)), ""]
     if cfg:
         budget = cfg.get("budget") or {}
         parts += ["## Bit allocation", "",
@@ -312,18 +336,20 @@ def _figures(data: dict, folder: Path) -> list[Path]:
         imp = cfg.get("importance") or {}
         importance = [float(imp.get(n, 0.0)) for n in order] if imp else None
         pngs.append(plot_bits_importance(order, [int(wb[n]) for n in order], importance, folder))
-    if results:
-        pngs.append(plot_pareto(results, folder))
+    if results or data.get("sweep"):
+        pngs.append(plot_pareto(results, folder, data.get("sweep") or ()))
     return pngs
 
 
 def write_report(folder: PathLike, *, profile: Any = None, bit_config: Any = None,
-                 results: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
+                 results: Sequence[Mapping[str, Any]] = (),
+                 sweep: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
     """Write a report folder: ``report.json``, the PNG figures and ``report.md``.
 
     `profile` / `bit_config`: a Profile / BitConfig (or their JSON dicts, strings or paths), or
     None. `results`: records with ``method``, ``size_mb`` (MiB), ``bops_g`` (GBOPs), ``top1`` (%)
-    and optional ``seconds`` (dict stage -> s). Returns ``{"report.json": path, "<fig>.png": path,
+    and optional ``seconds`` (dict stage -> s). `sweep`: accuracy-against-size records of
+    `ompq.frontier.frontier`. Returns ``{"report.json": path, "<fig>.png": path,
     ..., "report.md": path}``.
     """
     out = Path(folder)
@@ -334,7 +360,8 @@ def write_report(folder: PathLike, *, profile: Any = None, bit_config: Any = Non
                             "method, size_mb, bops_g and top1")
     data = {"format": REPORT_FORMAT, "version": REPORT_VERSION,
             "profile": _clean(_as_json_obj(profile)), "bit_config": _clean(_as_json_obj(bit_config)),
-            "results": _clean([dict(r) for r in results])}
+            "results": _clean([dict(r) for r in results]),
+            "sweep": _clean([dict(r) for r in sweep])}
     json_path = out / "report.json"
     json_path.write_text(json.dumps(data, indent=1))
     pngs, md = render_report(json_path)

@@ -64,9 +64,16 @@ def test_report_without_profile_has_pareto_only(tmp_path):
     assert "pareto.png" in paths and "orm_heatmap.png" not in paths
 
 
-def test_pareto_points():
-    pts = [(0.1, 80.0), (0.05, 70.0), (0.2, 79.0), (0.3, 85.0)]
-    assert report.pareto_points(pts) == [(0.05, 70.0), (0.1, 80.0), (0.3, 85.0)]
+def test_sweep_curves_in_figure_json_and_markdown(tmp_path):
+    sweep = [{"method": m, "avg_bits": b, "size_mb": b * 0.03, "top1": 80 + b + d, "n": 2000,
+              "stage": "rtn"} for m, d in (("error", 1.0), ("uniform", 0.0)) for b in (2, 3, 4)]
+    paths = report.write_report(tmp_path, results=RESULTS, sweep=sweep)
+    data = report.load_report(paths["report.json"])
+    assert data["sweep"] == sweep
+    md = paths["report.md"].read_text()
+    assert "## Accuracy against size" in md and "| 3 | 84.00 (0.0900) | 83.00 (0.0900) |" in md
+    png, _ = report.render_report(tmp_path, tmp_path / "again")
+    assert [p.name for p in png] == ["pareto.png"]
 
 
 def test_load_report_errors(tmp_path):

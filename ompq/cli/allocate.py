@@ -13,8 +13,9 @@ from .profile import add_profile_args, compute_profile
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("allocate", help="choose per-layer bits under a budget",
                               description="Allocate weight bits per layer: exact integer optimum "
-                              "of the OMPQ objective under --size-mb and/or --bops-g. Give a saved "
-                              "--profile, or a model (profiled first).")
+                              "of an objective (default: the least summed output distortion) under "
+                              "--size-mb and/or --bops-g. Give a saved --profile, or a model "
+                              "(profiled first).")
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="a Profile JSON from `ompq profile --json` (else the model is profiled)")
     add_profile_args(p)
@@ -28,9 +29,16 @@ def add_parser(subparsers) -> None:
                    help="fix layers matching PAT to BITS (repeatable), e.g. --pin conv1=8")
     p.add_argument("--tie", action="append", default=[], metavar="A,B,...",
                    help="layers (names/globs) that get equal bits (repeatable)")
-    p.add_argument("--beta", type=float, default=None, help="importance temperature (default 3)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="ORM importance temperature of orm/random/orm-linear (default 3)")
     p.add_argument("--method", choices=("ilp", "lp-round"), default="ilp")
-    p.add_argument("--proxy", default="orm", help="orm (default), hawq, uniform or random")
+    p.add_argument("--proxy", default="error",
+                   help="error (default: Σ distortion), orm (ORM-weighted distortion), random "
+                   "(shuffled ORM weights), orm-linear (the paper's Σ bits·importance), hawq "
+                   "(needs the model and data), uniform")
+    p.add_argument("--distortion", choices=("output", "weight"), default="output",
+                   help="distortion of error/orm/random: output (layer output noise-to-signal, "
+                   "default) or weight (squared weight error)")
     p.add_argument("--time-limit", type=float, default=30.0, help="solver limit in s per budget")
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -51,7 +59,7 @@ def _load_inputs(args: argparse.Namespace):
     from ..profile import Profile
 
     model = desc = data = None
-    if args.proxy != "orm" or not args.profile:
+    if args.proxy == "hawq" or not args.profile:
         model, desc = resolve_model(args.model)
         data = resolve_data(args.data, args.split, seed=args.seed)
     if args.profile:
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                        pin=_pins(args.pin) or None, tie=tie,
                        beta=DEFAULT_BETA if args.beta is None else args.beta,
                        method=args.method, proxy=args.proxy, model=model, data=data,
-                       seed=args.seed,
+                       seed=args.seed, distortion=args.distortion,
                        time_limit_s=args.time_limit, progress=args.progress)
     print(f"allocated {len(prof.layers)} layers of {prof.model} ({args.method}, proxy "
           f"{args.proxy})", file=sys.stderr)

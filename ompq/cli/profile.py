@@ -5,8 +5,8 @@ import argparse
 import contextlib
 import sys
 
-from ._common import (add_data_arg, add_json_arg, add_model_arg, add_progress_arg, print_table,
-                      resolve_data, resolve_model, write_json_output)
+from ._common import (add_data_arg, add_json_arg, add_model_arg, add_progress_arg,
+                      parse_int_list, print_table, resolve_data, resolve_model, write_json_output)
 
 
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,18 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
                         default="auto", help="layout of the input in the forward: auto "
                         "(channels_last for 4-D inputs of conv nets; faster, same ORM), "
                         "channels_last or preserve")
+    parser.add_argument("--distortion-bits", default="2,3,4,5,6,7,8", metavar="B,B,...",
+                        help="widths of the distortion table the default allocation needs "
+                        "(default 2..8; 'none' skips it)")
+    parser.add_argument("--distortion-samples", type=int, default=16,
+                        help="samples behind the output distortion (default 16)")
     add_progress_arg(parser)
+
+
+def _distortion_bits(text: str):
+    """'2,3,4' -> (2, 3, 4); 'none' -> None."""
+    return None if text.strip().lower() == "none" else \
+        tuple(parse_int_list(text, "--distortion-bits"))
 
 
 def add_parser(subparsers) -> None:
@@ -54,7 +65,9 @@ def compute_profile(args: argparse.Namespace, model=None, desc=None, data=None):
     return profile(model, data, num_samples=args.num_samples, seed=args.seed,
                    include=args.include, exclude=args.exclude, feature=args.feature,
                    debiased=args.debiased, device=args.device, progress=args.progress,
-                   description=desc, memory_format=args.memory_format)
+                   description=desc, memory_format=args.memory_format,
+                   distortion_bits=_distortion_bits(args.distortion_bits),
+                   distortion_samples=args.distortion_samples)
 
 
 def print_profile(prof) -> None:
@@ -71,7 +84,8 @@ def print_profile(prof) -> None:
           f"{total_m / 1e6:.2f} MMACs/sample; N = {prof.num_samples}, feature = {prof.feature}"
           f"{', debiased' if prof.debiased else ''}")
     print(f"time: forward {t.get('forward', 0):.3f} s, gram {t.get('gram', 0):.3f} s, "
-          f"orm {t.get('orm', 0):.4f} s, total {t.get('total', 0):.3f} s")
+          f"distortion table {t.get('distortion', 0):.3f} s, orm {t.get('orm', 0):.4f} s, "
+          f"total {t.get('total', 0):.3f} s")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -336,7 +336,8 @@ def write_outputs(out: Path, flow: Mapping[str, Any], *, onnx: bool = True,
         facts["onnx"] = export.export_onnx(q, out / "model.onnx", ex)
         facts["onnx_check"] = export.check_onnx(out / "model.onnx", q, test,
                                                 limit=onnx_check_limit, progress=progress)
-    paths = write_report(out, profile=prof, bit_config=cfg, results=flow["results"])
+    paths = write_report(out, profile=prof, bit_config=cfg, results=flow["results"],
+                         sweep=flow.get("sweep") or ())
     facts["report"] = {k: str(v) for k, v in paths.items()}
     (out / "export.json").write_text(json.dumps(facts, indent=1, default=str))
     return facts
