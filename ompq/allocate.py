@@ -557,7 +557,7 @@ def _import_solver(method: str) -> None:
 
 
 def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
-             bits: Any = DEFAULT_BITS, act_bits: Any = 8, pin: Optional[Mapping[str, int]] = None,
+             bits: Any = None, act_bits: Any = 8, pin: Optional[Mapping[str, int]] = None,
              tie: Optional[Sequence[Sequence[str]]] = None, beta: float = DEFAULT_BETA,
              method: str = "ilp", proxy: Any = DEFAULT_PROXY, model: Any = None, data: Any = None,
              seed: int = 0, time_limit_s: float = 30.0, progress: bool = False,
@@ -567,7 +567,8 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     `size_mb`: MiB of quantized weights; `bops_g`: GBOPs per sample (b_w·b_a·MACs / 1e9); either
     or both, each a number or a list (a Pareto sweep: returns a list of BitConfig, one per
     budget). `bits`: candidate bit-widths, or a dict glob -> candidates (later patterns override
-    earlier ones; every layer must be covered). `act_bits`: int, or dict glob -> int (default 8).
+    earlier ones; every layer must be covered); None: (2, 3, 4, 5, 6, 8), or the reference's PTQ
+    candidates (2, 3, 4) for "orm-linear" (`objectives.paper_settings` gives its QAT ones). `act_bits`: int, or dict glob -> int (default 8).
     `pin`: dict glob -> bits (must be a candidate). `tie`: groups of names/globs with equal bits.
     `beta`: ORM importance temperature (`ompq.objectives`). `method`: "ilp" (exact, CP-SAT) or
     "lp-round". `proxy`: the objective (`ompq.objectives`): "error" (default: Σ D_i(b_i)),
@@ -588,6 +589,8 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
             or not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     budgets, sweep = _budgets(size_mb, bops_g)
+    if bits is None:
+        bits = objectives.PAPER_BITS["ptq"] if proxy == "orm-linear" else DEFAULT_BITS
     problem = _problem(profile, bits, act_bits, pin, tie)
     caps = [_caps(problem, s, b) for s, b in budgets]
     proxy_name, importance, values, proxy_s, proxy_tie, linear = _values(

@@ -36,6 +36,17 @@ OBJECTIVES = ("orm", "error", "random", "orm-linear")
 PAPER_BITS = {"ptq": (2, 3, 4), "qat": (4, 5, 6, 7, 8)}
 
 
+def paper_settings(profile: Any, mode: str = "ptq") -> dict[str, Any]:
+    """The reference's `allocate` arguments for the paper's objective: candidates {2, 3, 4} for
+    PTQ; {4, …, 8} for QAT with the first and last layers (execution order) pinned at 8."""
+    if mode not in PAPER_BITS:
+        raise ValueError(f"mode must be one of {tuple(PAPER_BITS)}, got {mode!r}")
+    out: dict[str, Any] = {"proxy": "orm-linear", "bits": PAPER_BITS[mode]}
+    if mode == "qat":
+        out["pin"] = {profile.names[0]: 8, profile.names[-1]: 8}
+    return out
+
+
 @dataclass
 class Objective:
     """values[i][b] (maximised), importance per layer, and `linear` weights when values = b·w."""

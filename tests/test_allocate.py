@@ -92,7 +92,7 @@ def test_ilp_equals_brute_force(frac, which):
     s, b = frac_budget(prof, frac, cand, act)
     s = s if which in ("size", "both") else None
     b = (b * 1.1 if which == "both" else b) if which in ("bops", "both") else None
-    cfg = allocate(prof, size_mb=s, bops_g=b, proxy="orm-linear")
+    cfg = allocate(prof, size_mb=s, bops_g=b, proxy="orm-linear", bits=cand[prof.names[0]])
     w = orm_importance(prof.orm)
     values = [{c: c * w[i] for c in cand[n]} for i, n in enumerate(prof.names)]
     check_against_brute(prof, cfg, values, cand, act, s, b)

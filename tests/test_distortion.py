@@ -101,7 +101,7 @@ def test_default_objective_has_diminishing_returns(r20):
     total = sum(layer.params for layer in r20.layers)
     size = 3 * total / 8 / 2 ** 20
     default = allocate(r20, size_mb=size)
-    paper = allocate(r20, size_mb=size, proxy="orm-linear")
+    paper = allocate(r20, size_mb=size, proxy="orm-linear", bits=(2, 3, 4, 5, 6, 8))
     assert default.proxy == "error"
 
     def share_at_extremes(cfg):
@@ -184,3 +184,17 @@ def test_table_dict_round_trip():
     assert DistortionTable.from_dict(json.loads(json.dumps(t.to_dict()))) == t
     with pytest.raises(ValueError, match="lacks the field 'output'"):
         DistortionTable.from_dict({"bits": [2], "samples": 1, "weight": {}})
+
+
+def test_paper_settings_are_the_reference_defaults(r20):
+    from ompq.objectives import paper_settings
+
+    total = sum(layer.params for layer in r20.layers)
+    ptq_cfg = allocate(r20, size_mb=3 * total / 8 / 2 ** 20, proxy="orm-linear")
+    assert set(ptq_cfg.weight_bits.values()) <= {2, 3, 4}
+    qat = paper_settings(r20, "qat")
+    cfg = allocate(r20, size_mb=5 * total / 8 / 2 ** 20, **qat)
+    assert cfg.weight_bits["conv1"] == cfg.weight_bits["fc"] == 8
+    assert set(cfg.weight_bits.values()) <= {4, 5, 6, 7, 8} and cfg.proxy == "orm-linear"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        paper_settings(r20, "fp8")

@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
                    help="weight size budget in MiB; a comma list gives a Pareto sweep")
     p.add_argument("--bops-g", default=None, metavar="B",
                    help="BOPs budget in G per sample; a comma list gives a Pareto sweep")
-    p.add_argument("--bits", default="2,3,4,5,6,8", help="candidate bits (default 2,3,4,5,6,8)")
+    p.add_argument("--bits", default=None,
+                   help="candidate bits (default 2,3,4,5,6,8; the paper's 2,3,4 for orm-linear)")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits (default 8)")
     p.add_argument("--pin", action="append", default=[], metavar="PAT=BITS",
                    help="fix layers matching PAT to BITS (repeatable), e.g. --pin conv1=8")
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     prof, model, data = _load_inputs(args)
     tie = [[t for t in group.split(",") if t] for group in args.tie] or None
     configs = allocate(prof, size_mb=sizes, bops_g=bops,
-                       bits=parse_int_list(args.bits, "--bits"), act_bits=args.act_bits,
+                       bits=None if args.bits is None else parse_int_list(args.bits, "--bits"),
+                       act_bits=args.act_bits,
                        pin=_pins(args.pin) or None, tie=tie,
                        beta=DEFAULT_BETA if args.beta is None else args.beta,
                        method=args.method, proxy=args.proxy, model=model, data=data,
