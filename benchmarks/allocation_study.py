@@ -29,7 +29,9 @@ Usage:
   python benchmarks/allocation_study.py run --stage rtn --seeds 0 1 2 --out benchmarks/results/allocation_study.rtn.json
   python benchmarks/allocation_study.py run --stage adaround --avg-bits 3 --seeds 0 1 2 --out ....adaround.json
   python benchmarks/allocation_study.py corr --configs 100 --out ....corr.json
-  python benchmarks/allocation_study.py report benchmarks/results/allocation_study.*.json
+  python benchmarks/allocation_study.py timing --out ....timing.json      (on a quiet machine)
+  python benchmarks/allocation_study.py report benchmarks/results/allocation_study.*.json \
+      --merge benchmarks/results/allocation_study.json
 """
 from __future__ import annotations
 
@@ -267,12 +269,51 @@ def _objective_values(prof, method: str) -> dict:
     return dict(zip(prof.names, obj.values))
 
 
+# ----------------------------------------------------------------------------- timing
+def timing(a: argparse.Namespace) -> None:
+    """Search time on a quiet machine: plain profile (no table), profile with the table, the
+    default ILP, and the Hessian trace (+ ILP), medians over `--repeats` interleaved rounds."""
+    store = Store(a.out, vars(a))
+    train = fashion_mnist("train")
+    for name in a.models:
+        model = zoo.load(name)
+        profile(model, train, num_samples=PROFILE_SAMPLES, seed=0, progress=False)  # warm-up
+        t: dict[str, list[float]] = {"plain": [], "profile": [], "ilp": [], "hawq": []}
+        for k in range(a.repeats):
+            t0 = time.perf_counter()
+            profile(model, train, num_samples=PROFILE_SAMPLES, seed=k, progress=False,
+                    distortion_bits=None)
+            t["plain"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            prof = profile(model, train, num_samples=PROFILE_SAMPLES, seed=k, progress=False)
+            t["profile"].append(time.perf_counter() - t0)
+            size = 3 * sum(layer.params for layer in prof.layers) / 8 / 2 ** 20
+            t0 = time.perf_counter()
+            allocate(prof, size_mb=size, bits=BITS)
+            t["ilp"].append(time.perf_counter() - t0)
+            if k < a.hawq_repeats:
+                t0 = time.perf_counter()
+                res = proxies.proxy_values("hawq", prof, BITS, model=model, data=train, seed=k,
+                                           **HAWQ)
+                allocate(prof, size_mb=size, bits=BITS, proxy=res)
+                t["hawq"].append(time.perf_counter() - t0)
+        med = {k: float(np.median(v)) for k, v in t.items()}
+        store.add({"kind": "timing", "model": name, "seconds": med, "runs": t,
+                   "default": med["profile"] + med["ilp"]})
+        print(f"[{name}] plain {med['plain']:.3f} s, profile+table {med['profile']:.3f} s, "
+              f"ILP {med['ilp']:.3f} s, hawq {med['hawq']:.2f} s", flush=True)
+
+
 # ----------------------------------------------------------------------------- report
 def load(paths: list[str]) -> list[dict]:
-    recs = []
+    """Records of every file, each (kind, model, stage, budget, method, seed, config) once."""
+    recs, seen = [], set()
     for p in paths:
         with open(p) as fh:
-            recs += json.load(fh)["records"]
+            for r in json.load(fh)["records"]:
+                if Store.key(r) not in seen:
+                    seen.add(Store.key(r))
+                    recs.append(r)
     return recs
 
 
@@ -317,6 +358,9 @@ def report(a: argparse.Namespace) -> None:
                             and r["act_bits"] == act and r["method"] == m] for m in METHODS}
                 if not cell["error"]:
                     continue
+                # compare like with like: only the seeds every method of the row has finished
+                common = set.intersection(*({r["seed"] for r in v} for v in cell.values() if v))
+                cell = {m: [r for r in v if r["seed"] in common] for m, v in cell.items()}
                 vals = []
                 for m in METHODS:
                     if not cell[m]:
@@ -344,31 +388,53 @@ def report(a: argparse.Namespace) -> None:
                 lines.append(f"| {name} | {ab:g} | {act} | " + " | ".join(vals) +
                              f" | {du[0]:+.2f} [{du[1]:+.2f}, {du[2]:+.2f}] | "
                              f"{dh[0]:+.2f} [{dh[1]:+.2f}, {dh[2]:+.2f}] | {du[3]} |")
-    lines += search_table(ptq_recs)
+    lines += orm_table(out["grid"])
+    lines += search_table([r for r in recs if r["kind"] == "timing"])
     c = [r for r in recs if r["kind"] == "corr"]
     if c:
         out["correlation"], more = correlation_report(c, ptq_recs, rng)
         lines += more
     lines += targets(out)
     print("\n".join(lines))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+    if a.merge:  # one file with every record and the summary; `run --out` can resume from it
+        first = json.load(open(a.paths[0]))
+        doc = {"format": "ompq.AllocationStudy", "version": 2, "settings": first["settings"],
+               "machine": first["machine"], "records": recs, "summary": out}
+        tmp = a.merge + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh)
+        os.replace(tmp, a.merge)
+
+
+def orm_table(grid: list[dict]) -> list[str]:
+    """What the ORM adds: paired differences of the ORM-weighted objective, the shuffled-ORM
+    null control and the paper's objective against θ ≡ 1 (the default)."""
+    lines = ["\n### The ORM's share: top-1 difference against the default (θ ≡ 1), points "
+             "[95 % CI]\n", "| stage | model | avg bits | A | orm − default | random − default "
+             "| orm-linear − default |", "|---|---|---|---|---|---|---|"]
+    for g in grid:
+        cells = []
+        for m in ("orm", "random", "orm-linear"):
+            d = g["diff"].get(m)
+            cells.append("–" if d is None else
+                         f"{-d['mean']:+.2f} [{-d['hi']:+.2f}, {-d['lo']:+.2f}]")
+        lines.append(f"| {g['stage']} | {g['model']} | {g['avg_bits']:g} | {g['act_bits']} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def search_table(rows: list[dict]) -> list[str]:
-    lines = ["\n### Search time (s, median over budgets and seeds)\n",
-             "| model | plain profile | error (profile + table + ILP) | orm | orm-linear | hawq "
-             "(trace + ILP) | error ÷ plain | hawq ÷ error |", "|---|---|---|---|---|---|---|---|"]
-    for name in sorted({r["model"] for r in rows}):
-        med = {m: float(np.median([r["search_seconds"] for r in rows
-                                   if r["model"] == name and r["method"] == m] or [np.nan]))
-               for m in METHODS}
-        plain = float(np.median([r["plain_profile_seconds"] for r in rows
-                                 if r["model"] == name and r["plain_profile_seconds"] > 0]))
-        lines.append(f"| {name} | {plain:.3f} | {med['error']:.3f} | {med['orm']:.3f} | "
-                     f"{med['orm-linear']:.3f} | {med['hawq']:.2f} | "
-                     f"{med['error'] / plain:.1f}× | {med['hawq'] / med['error']:.0f}× |")
+    if not rows:
+        return []
+    lines = ["\n### Search time (s, medians of the `timing` runs on a quiet machine)\n",
+             "| model | plain profile | profile + distortion table | ILP | default search | "
+             "HAWQ trace + ILP | default ÷ plain profile | HAWQ ÷ default |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["seconds"]
+        lines.append(f"| {r['model']} | {m['plain']:.3f} | {m['profile']:.3f} | {m['ilp']:.3f} "
+                     f"| {r['default']:.3f} | {m['hawq']:.2f} | {r['default'] / m['plain']:.1f}× "
+                     f"| {m['hawq'] / r['default']:.0f}× |")
     return lines
 
 
@@ -483,9 +549,17 @@ def parse(argv=None) -> argparse.Namespace:
     c.add_argument("--repeat", type=int, default=30, help="configs also run with seed 1")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--out", required=True)
+    t = sub.add_parser("timing", help="search time of the default and of HAWQ, quiet machine")
+    t.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    t.add_argument("--repeats", type=int, default=7)
+    t.add_argument("--hawq-repeats", type=int, default=3)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--out", required=True)
     rep = sub.add_parser("report", help="tables, paired CIs and targets from result shards")
     rep.add_argument("paths", nargs="+")
-    rep.add_argument("--json", default=None, help="also write the summary here")
+    rep.add_argument("--merge", default=None, metavar="PATH",
+                     help="write every record and the summary to one study file (which `run` "
+                     "and `corr` can also resume from)")
     return p.parse_args(argv)
 
 
@@ -493,7 +567,7 @@ def main(argv: Optional[list] = None) -> int:
     a = parse(argv)
     if hasattr(a, "threads"):
         torch.set_num_threads(a.threads)
-    {"run": run, "corr": corr, "report": report}[a.cmd](a)
+    {"run": run, "corr": corr, "timing": timing, "report": report}[a.cmd](a)
     return 0
 
 

@@ -42,6 +42,16 @@ def test_demo_table_and_report_folder(demo_dir):
     assert res["uniform"]["size_mb"] <= budget * (1 + 1e-9)
     assert res["fp32"]["size_mb"] > 10 * budget
     assert all(0.0 <= r["top1"] <= 100.0 for r in d["results"])
+    # the accuracy-against-size sweep (--fast: 2 and 4 bits per weight)
+    sweep = d["sweep"]
+    assert {(r["method"], r["avg_bits"]) for r in sweep} == {
+        (m, b) for m in ("error", "uniform", "hawq", "orm-linear") for b in (2.0, 4.0)}
+    for r in sweep:
+        assert r["size_mb"] <= r["avg_bits"] * budget / 3 * (1 + 1e-9) and r["n"] == 500
+    at2 = {r["top1"] for r in sweep if r["avg_bits"] == 2.0}
+    assert len(at2) == 1  # every method must put all layers at 2 bits there
+    assert "accuracy against size" in stdout
+    assert json.loads((rep / "report.json").read_text())["sweep"] == sweep
     pk = d["outputs"]["packed"]
     assert abs(pk["rel_error"]) <= 0.05
     assert d["outputs"]["onnx_check"]["top1_agreement"] >= 99.0

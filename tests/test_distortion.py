@@ -198,3 +198,31 @@ def test_paper_settings_are_the_reference_defaults(r20):
     assert set(cfg.weight_bits.values()) <= {4, 5, 6, 7, 8} and cfg.proxy == "orm-linear"
     with pytest.raises(ValueError, match="mode must be one of"):
         paper_settings(r20, "fp8")
+
+
+def test_default_objective_with_pins_ties_and_bops(r20):
+    total = sum(layer.params for layer in r20.layers)
+    macs = sum(layer.macs for layer in r20.layers)
+    tie = [["layer1.*"]]
+    cfg = allocate(r20, size_mb=3 * total / 8 / 2 ** 20, bops_g=4 * 8 * macs / 1e9,
+                   pin={"conv1": 8, "fc": 4}, tie=tie)
+    assert cfg.weight_bits["conv1"] == 8 and cfg.weight_bits["fc"] == 4
+    assert len({b for n, b in cfg.weight_bits.items() if n.startswith("layer1.")}) == 1
+    assert cfg.size_mb <= 3 * total / 8 / 2 ** 20 and cfg.bops_g <= 4 * 8 * macs / 1e9
+
+
+def test_frontier_records(r20):
+    from ompq.frontier import frontier
+
+    train, test = ompq.data.fashion_mnist("train"), ompq.data.fashion_mnist("test")
+    model = ompq.zoo.load("resnet20")
+    recs = frontier(model, r20, train, test, avg_bits=(2.0, 3.0), methods=("error", "uniform"),
+                    calib_samples=64, eval_limit=200)
+    assert [(r["method"], r["avg_bits"]) for r in recs] == [
+        ("error", 2.0), ("error", 3.0), ("uniform", 2.0), ("uniform", 3.0)]
+    total = sum(layer.params for layer in r20.layers)
+    for r in recs:
+        assert r["size_mb"] <= r["avg_bits"] * total / 8 / 2 ** 20 * (1 + 1e-9)
+        assert r["n"] == 200 and 0 <= r["top1"] <= 100 and r["stage"] == "rtn"
+    assert set(recs[3]["w_bits"].values()) == {3}
+    assert recs[0]["top1"] == recs[2]["top1"]  # both all-2-bit: the same quantized model

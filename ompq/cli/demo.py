@@ -142,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"report: {out / 'report.md'}   total {total:.1f} s")
     emit_json(args.json, {"command": "demo", "model": args.model, "settings": s,
                           "size_budget_mb": size_mb, "results": flow["results"],
+                          "sweep": flow.get("sweep") or [],
                           "bit_config": json.loads(flow["bit_config"].to_json()),
                           "outputs": facts, "total_seconds": total})
     return 0
