@@ -394,6 +394,7 @@ def report(a: argparse.Namespace) -> None:
     if c:
         out["correlation"], more = correlation_report(c, ptq_recs, rng)
         lines += more
+    out["timing"] = [r for r in recs if r["kind"] == "timing"]
     lines += targets(out)
     print("\n".join(lines))
     if a.merge:  # one file with every record and the summary; `run --out` can resume from it
@@ -516,12 +517,19 @@ def targets(out: dict) -> list[str]:
                  f"rows, worse in {len(hurts)} rows, of {len(orm_rows)}")
     out["targets"] = {"uniform_exact": ok1, "uniform_floor": ok1b, "best_minus_0.2": not fails,
                       "orm_helps_rows": len(helps), "orm_hurts_rows": len(hurts)}
+    for r in out.get("timing") or []:
+        m = r["seconds"]
+        ratio, speedup = r["default"] / m["plain"], m["hawq"] / r["default"]
+        lines.append(f"- {r['model']}: search ≤ 3× the plain profile: "
+                     f"{'met' if ratio <= 3 else 'NOT met'} ({ratio:.1f}×); ≥ 20× less than the "
+                     f"Hessian trace: {'met' if speedup >= 20 else 'NOT met'} ({speedup:.0f}×)")
     c = out.get("correlation")
     if c:
         e = c["objectives"]["error"]
         lines.append(f"- Kendall τ(default, accuracy) ≥ 0.4 with p < 0.01: "
                      f"{'met' if e['kendall_tau'] >= 0.4 and e['kendall_p'] < 0.01 else 'NOT met'}"
-                     f" (τ = {e['kendall_tau']:.3f}, p = {e['kendall_p']:.1e})")
+                     f" (τ = {e['kendall_tau']:.3f}, 95 % CI [{e['tau_ci'][0]:.3f}, "
+                     f"{e['tau_ci'][1]:.3f}], p = {e['kendall_p']:.1e})")
         if "default_percentile" in c:
             lines.append(f"- default at or above the 95th percentile of sampled configurations: "
                          f"{'met' if c['default_percentile'] >= 95 else 'NOT met'} "

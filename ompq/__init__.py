@@ -34,6 +34,9 @@ _LAZY = {
     "export": ("export", None),
     "report": ("report", None),
     "proxies": ("proxies", None),
+    "frontier": ("frontier", None),
+    "objectives": ("objectives", None),
+    "distortion": ("distortion", None),
 }
 
 

@@ -29,7 +29,8 @@ import numpy as np
 
 from . import objectives
 from .layers import match_names
-from .objectives import DEFAULT_BETA, DEFAULT_DISTORTION, DEFAULT_PROXY, orm_importance
+from .objectives import (DEFAULT_BETA, DEFAULT_DISTORTION, DEFAULT_PROXY,  # noqa: F401
+                         orm_importance)  # re-exported: ompq.allocate.orm_importance
 from .profile import Profile, load_json_payload, write_json
 
 FORMAT = "ompq.BitConfig"

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantizers import search_scale, weight_qrange
 from . import ops
+from .quantizers import find_conv_bn_pairs, search_scale, weight_qrange
 
 DISTORTION_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 KINDS = ("output", "weight")
@@ -115,8 +115,6 @@ def running_min(row: Sequence[float]) -> list[float]:
 
 def fold_scales(model: nn.Module, example_input: Any) -> dict[str, Tensor]:
     """layer -> per-output-channel factor γ/√(var+ε) of the BatchNorm PTQ folds into it."""
-    from .quantizers import find_conv_bn_pairs
-
     out = {}
     for layer, bn_name in find_conv_bn_pairs(model, example_input):
         bn = model.get_submodule(bn_name)
@@ -145,7 +143,8 @@ class LayerMeter:
 
     def __init__(self, bits: tuple[int, ...], samples: int, scale: Optional[Tensor]) -> None:
         self.bits, self.samples, self.scale = bits, samples, scale
-        self.deltas: Optional[list[Tensor]] = None
+        self.deltas: Optional[list[Tensor]] = None  # ΔW per width, set at the first call
+        self.w_folded: Optional[Tensor] = None
         self.weight = [0.0] * len(bits)
         self.noise = [0.0] * len(bits)
         self.signal = 0.0
