@@ -14,7 +14,8 @@ A report folder holds
 - ``bits_importance.png`` — per-layer weight bits (bars, left axis) beside the importance θ
   (bars, right axis).
 - ``pareto.png`` — top-1 (%) against size (MiB): one curve per method of the sweep (if any),
-  the results as large markers, FP32 as a dashed line; the legend sits beside the axes.
+  the results as large markers, FP32 as a dashed line, and a zoom on the points within 5 points
+  of the best; the legend sits beside the axes.
 - ``report.md`` — the tables and links to the figures (written by `render_report`).
 
 Figures are drawn with the Agg backend at a fixed size (`FIGURE_PIXELS`) so that tests and
@@ -41,7 +42,7 @@ DPI = 100
 FIGURE_PIXELS: dict[str, tuple[int, int]] = {
     "orm_heatmap.png": (900, 800),
     "bits_importance.png": (1000, 500),
-    "pareto.png": (1000, 550),
+    "pareto.png": (1200, 550),
 }
 PathLike = Union[str, os.PathLike]
 
@@ -206,39 +207,54 @@ def plot_pareto(results: Sequence[Mapping[str, Any]], folder: PathLike,
                 sweep: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Write ``pareto.png``: top-1 (%) against size (MiB). Each method of `sweep` is a curve over
     its budgets (labelled with its PTQ stage and images); each record of `results` is a large
-    marker; FP32 is a dashed line. The legend sits outside the axes, so it covers no data."""
+    marker; FP32 is a dashed line. The right panel zooms on the points within 5 points of the
+    best; the legend sits outside both, so it covers no data."""
     fig = _new_figure("pareto.png")
-    ax = fig.add_axes([0.08, 0.11, 0.6, 0.8])
+    axes = [fig.add_axes([0.07, 0.11, 0.3, 0.8]), fig.add_axes([0.43, 0.11, 0.3, 0.8])]
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in sweep:
         curves.setdefault(str(r.get("method", "?")), []).append(
             (float(r["size_mb"]), float(r["top1"])))
-    for method, pts in curves.items():
-        color, marker = _STYLES.get(method, (None, "x"))
-        pts.sort()
-        stage = next((r.get("stage") for r in sweep if r.get("method") == method), "")
-        n = next((r.get("n") for r in sweep if r.get("method") == method), None)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, ms=5,
-                lw=1.2, alpha=0.85, label=f"{_LABELS.get(method, method)} ({stage} sweep"
-                + (f", {n} images)" if n else ")"))
-    for r in results:
-        if r.get("size_mb") is None or r.get("top1") is None:
-            continue
-        method = str(r.get("method", "?"))
-        color, marker = _STYLES.get(method, (None, "^"))
-        if method == "fp32":
-            ax.axhline(float(r["top1"]), color="gray", ls="--", lw=1,
-                       label=f"FP32 ({float(r['top1']):.2f} %)")
-            continue
-        ax.scatter([float(r["size_mb"])], [float(r["top1"])], s=140, color=color, marker=marker,
-                   edgecolors="black", zorder=5,
-                   label=f"{method} ({float(r['top1']):.2f} %)")
-    ax.set_xlabel("size of quantized weights (MiB)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("Accuracy against size")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    points = [p for pts in curves.values() for p in pts]
+    points += [(float(r["size_mb"]), float(r["top1"])) for r in results
+               if r.get("size_mb") is not None and r.get("top1") is not None
+               and r.get("method") != "fp32"]
+    for k, ax in enumerate(axes):
+        for method, pts in curves.items():
+            color, marker = _STYLES.get(method, (None, "x"))
+            pts.sort()
+            stage = next((r.get("stage") for r in sweep if r.get("method") == method), "")
+            n = next((r.get("n") for r in sweep if r.get("method") == method), None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, ms=5,
+                    lw=1.2, alpha=0.85, label=f"{_LABELS.get(method, method)} ({stage} sweep"
+                    + (f", {n} images)" if n else ")"))
+        for r in results:
+            if r.get("size_mb") is None or r.get("top1") is None:
+                continue
+            method = str(r.get("method", "?"))
+            color, marker = _STYLES.get(method, (None, "^"))
+            if method == "fp32":
+                ax.axhline(float(r["top1"]), color="gray", ls="--", lw=1,
+                           label=f"FP32 ({float(r['top1']):.2f} %)")
+                continue
+            ax.scatter([float(r["size_mb"])], [float(r["top1"])], s=140, color=color,
+                       marker=marker, edgecolors="black", zorder=5, alpha=0.8,
+                       label=f"{method}, full pipeline ({float(r['top1']):.2f} %)")
+        ax.set_xlabel("size of quantized weights (MiB)")
+        ax.grid(alpha=0.3)
+        if k == 1 and points:
+            top = max(p[1] for p in points)
+            near = [p for p in points if p[1] >= top - 5]
+            ax.set_ylim(min(p[1] for p in near) - 0.3, top + 0.5)
+            xs = [p[0] for p in near]
+            pad = 0.04 * (max(xs) - min(xs) or max(xs) or 1.0)
+            ax.set_xlim(min(xs) - pad, max(xs) + pad)
+            ax.set_title("zoom: within 5 points of the best")
+    axes[0].set_ylabel("top-1 (%)")
+    axes[0].set_title("Accuracy against size")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[1].legend(*axes[0].get_legend_handles_labels(), loc="upper left",
+                       bbox_to_anchor=(1.03, 1.0), fontsize=8, frameon=False)
     return _save(fig, Path(folder), "pareto.png")
 
 
