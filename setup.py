@@ -59,7 +59,7 @@ setup(
     package_data={"ompq.zoo": ["checkpoints/*.pt", "checkpoints/*.json"]},
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",  # torch.library.register_fake
         "numpy",
         "ortools>=9.8",
         "tqdm",

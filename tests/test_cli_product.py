@@ -119,3 +119,12 @@ def test_error_report_and_export_usage(capsys, tmp_path):
     _fails(capsys, ["report", str(tmp_path / "missing.json")], "does not exist")
     _fails(capsys, ["export", "--bit-config", str(tmp_path / "x.json")], "--onnx")
     _fails(capsys, ["demo", "--avg-bits", "0.5", "--no-progress"], "--avg-bits")
+
+
+def test_demo_checks_onnx_before_the_long_work(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    _fails(capsys, ["demo", "--no-progress"], "needs onnx", "pip install onnx")

@@ -95,8 +95,19 @@ def _sweep(model: Any, flow: dict, args: argparse.Namespace, s: dict, progress: 
                     progress=progress)
 
 
+def _check_dependencies() -> None:
+    """The demo ends with an ONNX export and an onnxruntime check: fail before the long work."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CLIError(f"ompq demo writes and checks an ONNX model and needs {' and '.join(missing)}"
+                       f": pip install {' '.join(missing)} (or pip install -e '.[export]')")
+
+
 def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    _check_dependencies()
     if not 1.0 <= args.avg_bits <= 16.0:
         raise CLIError(f"--avg-bits {args.avg_bits}: expected a value in [1, 16], e.g. 3")
     s = _settings(args)
