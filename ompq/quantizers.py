@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .layers import QUANTIZABLE_TYPES
 
-QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WEIGHT_INITS = ("minmax", "percentile", "mse")
 WEIGHT_MODES = ("nearest", "adaround", "lsq")
 ACT_MODES = ("fixed", "lsq")

@@ -12,7 +12,8 @@ A report folder holds
   stage), the accuracy-against-size curves.
 - ``orm_heatmap.png`` — the L×L orthogonality matrix with layer names.
 - ``bits_importance.png`` — per-layer weight bits (bars, left axis) beside the importance θ
-  (bars, right axis).
+  (bars, right axis); when θ ≡ 1 (the default objective) and the profile has a distortion table,
+  beside each layer's output NSR at its chosen width (log scale) instead.
 - ``pareto.png`` — top-1 (%) against size (MiB): one curve per method of the sweep (if any),
   the results as large markers, FP32 as a dashed line, and a zoom on the points within 5 points
   of the best; the legend sits beside the axes.
@@ -29,11 +30,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display needed, deterministic output
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
 
 REPORT_FORMAT = "ompq.Report"
 REPORT_VERSION = 1
@@ -137,13 +135,12 @@ def _orm(profile: Optional[dict]) -> Optional[np.ndarray]:
 
 def _new_figure(name: str):
     w, h = FIGURE_PIXELS[name]
-    return plt.figure(figsize=(w / DPI, h / DPI), dpi=DPI)
+    return Figure(figsize=(w / DPI, h / DPI), dpi=DPI)
 
 
 def _save(fig, folder: Path, name: str) -> Path:
     path = folder / name
     fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches: the pixel size stays fixed
-    plt.close(fig)
     return path
 
 
@@ -171,9 +168,11 @@ def plot_orm_heatmap(orm: np.ndarray, names: Sequence[str], folder: PathLike) ->
 
 
 def plot_bits_importance(names: Sequence[str], bits: Sequence[int],
-                         importance: Optional[Sequence[float]], folder: PathLike) -> Path:
-    """Write ``bits_importance.png``: weight bits per layer (left axis) beside the importance
-    (right axis); importance bars are omitted when the BitConfig has none."""
+                         importance: Optional[Sequence[float]], folder: PathLike,
+                         label: str = "importance θ (normalised)", log: bool = False) -> Path:
+    """Write ``bits_importance.png``: weight bits per layer (left axis) beside a per-layer value
+    (right axis: the importance θ, or what `label` says, on a log scale with `log`); the right
+    bars are omitted when `importance` is None."""
     fig = _new_figure("bits_importance.png")
     ax = fig.add_axes([0.07, 0.35, 0.85, 0.57])
     x = np.arange(len(names))
@@ -187,12 +186,14 @@ def plot_bits_importance(names: Sequence[str], bits: Sequence[int],
     ax.set_xlim(-0.7, len(names) - 0.3)
     if importance is not None:
         ax2 = ax.twinx()
-        ax2.bar(x + width / 2, importance, width, color="tab:orange", label="importance θ")
-        ax2.set_ylabel("importance θ (normalised)", color="tab:orange")
+        ax2.bar(x + width / 2, importance, width, color="tab:orange", label=label.split(" (")[0])
+        ax2.set_ylabel(label, color="tab:orange")
+        if log:
+            ax2.set_yscale("log")
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2,
                   fontsize=8, frameon=False)
-    ax.set_title("Per-layer weight bits and importance", loc="left")
+    ax.set_title(f"Per-layer weight bits and {label.split(' (')[0]}", loc="left")
     return _save(fig, Path(folder), "bits_importance.png")
 
 
@@ -337,6 +338,20 @@ def _markdown(data: dict, pngs: Sequence[Path]) -> str:
 
 
 # --------------------------------------------------------------------------- public API
+def _chosen_distortion(profile: Optional[dict], weight_bits: Mapping[str, int],
+                       order: Sequence[str]) -> Optional[list[float]]:
+    """Each layer's output NSR at its chosen width, from the profile's distortion table (None
+    when the profile has no table or lacks a layer or width)."""
+    table = (profile or {}).get("distortion")
+    if not table:
+        return None
+    bits, rows = list(table.get("bits") or []), table.get("output") or {}
+    try:
+        return [max(float(rows[n][bits.index(int(weight_bits[n]))]), 1e-12) for n in order]
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
 def _figures(data: dict, folder: Path) -> list[Path]:
     profile, cfg, results = data.get("profile"), data.get("bit_config"), data.get("results") or []
     names = _layer_names(profile, cfg)
@@ -351,7 +366,15 @@ def _figures(data: dict, folder: Path) -> list[Path]:
         order = [n for n in names if n in wb] + [n for n in wb if n not in names]
         imp = cfg.get("importance") or {}
         importance = [float(imp.get(n, 0.0)) for n in order] if imp else None
-        pngs.append(plot_bits_importance(order, [int(wb[n]) for n in order], importance, folder))
+        nsr = _chosen_distortion(profile, wb, order)
+        if nsr is not None and (importance is None or len(set(importance)) == 1):
+            # θ ≡ 1 (the default objective): show what decided the bits instead
+            pngs.append(plot_bits_importance(order, [int(wb[n]) for n in order], nsr, folder,
+                                             label="output NSR at the chosen width (log)",
+                                             log=True))
+        else:
+            pngs.append(plot_bits_importance(order, [int(wb[n]) for n in order], importance,
+                                             folder))
     if results or data.get("sweep"):
         pngs.append(plot_pareto(results, folder, data.get("sweep") or ()))
     return pngs
