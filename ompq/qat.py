@@ -17,6 +17,7 @@ resumed run ends with exactly the weights of an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 import time
@@ -132,6 +133,23 @@ def prepare_qat_model(model: nn.Module, bit_config: Any, calib: torch.Tensor, *,
     return model
 
 
+def _keeps_caller_rng(fn):
+    """Run `fn` with its own global RNG streams: the caller's torch (CPU and CUDA), NumPy and
+    Python states are restored afterwards, whatever `fn` seeds or a checkpoint restores."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return fn(*args, **kwargs)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+    return wrapper
+
+
+@_keeps_caller_rng
 def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
         lr: float = 1e-4, batch_size: int = 128, method: str = "lsq", momentum: float = 0.9,
         weight_decay: float = 1e-4, checkpoint_dir: Union[str, os.PathLike, None] = None,
@@ -151,7 +169,8 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
         momentum, weight_decay: SGD settings (weight decay not applied to biases and scales).
         checkpoint_dir: where `qat_last.pt` is written after every epoch (rank 0, atomic).
         resume: continue from `checkpoint_dir/qat_last.pt` when it exists.
-        seed: seeds the calibration sample, data order (seed + epoch) and global RNG.
+        seed: seeds the calibration sample, data order (seed + epoch) and the RNG of the
+            training (the caller's global RNG states are restored on return).
         calib_samples: samples for the activation range calibration (EMA).
         max_steps: stop after this many optimizer steps counted from epoch 0 (simulates an
             interruption; the partial epoch is not checkpointed).

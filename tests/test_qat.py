@@ -56,6 +56,19 @@ def test_resume_after_interruption_is_exact(tmp_path):
         or not torch.equal(fs["0.weight"], part.state_dict()["0.weight"])
 
 
+def test_qat_keeps_the_callers_rng(tmp_path):
+    import random
+
+    import numpy as np
+    model, data = _model(), _data()
+    torch.manual_seed(123)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    qat(model, CFG, data, epochs=1, batch_size=32, checkpoint_dir=tmp_path, progress=False)
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all()
+    assert before[2] == after[2]
+
+
 def test_ste_method_and_bits_mismatch(tmp_path):
     m, _ = _run(tmp_path, method="ste")
     assert m[0].weight_quantizer.symmetric and m[0].weight_quantizer.dynamic
