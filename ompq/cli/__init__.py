@@ -1,9 +1,7 @@
 """`ompq` command line: one argparse parser, one module per command (`ompq/cli/<name>.py`).
 
 Each command module defines `add_parser(subparsers)` (registering its sub-parser and setting
-`func=run` through `set_defaults`) and `run(args) -> int`. Commands are listed in `COMMANDS`;
-a name in `OPTIONAL_COMMANDS` whose module does not exist (yet) is skipped, any other import
-error is raised.
+`func=run` through `set_defaults`) and `run(args) -> int`. Commands are listed in `COMMANDS`.
 """
 from __future__ import annotations
 
@@ -15,17 +13,6 @@ from typing import Optional, Sequence
 from ._common import EXIT_USAGE
 
 COMMANDS = ["demo", "quantize", "eval", "export", "report", "profile", "allocate"]
-OPTIONAL_COMMANDS = ("demo", "quantize", "eval", "export", "report")
-
-
-def _load(name: str):
-    module_name = f"{__name__}.{name}"
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if name in OPTIONAL_COMMANDS and err.name == module_name:
-            return None
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = _load(name)
-        if module is not None:
-            module.add_parser(sub)
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
 
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import torch
 from torch import nn
 
 from ._common import EXIT_USAGE
@@ -50,43 +49,12 @@ def guard(command: str, body: Callable[[], int], debug: bool = False) -> int:
 
 # ============================================================================ resolution
 def resolve_model(spec: str) -> nn.Module:
-    """A model from a zoo name, ``module.path:factory`` or a saved file (eval mode, FP32).
+    """A model from a zoo name, ``module.path:factory`` or a saved file (eval mode, FP32), via
+    the CLI's shared resolver (`ompq.cli._common.resolve_model`)."""
+    from ._common import resolve_model as common_resolve
 
-    Uses the CLI's shared resolver (`ompq.cli._common.resolve_model`) when present.
-    """
-    try:
-        from ._common import resolve_model as common_resolve  # type: ignore[attr-defined]
-    except ImportError:
-        common_resolve = None
-    if common_resolve is not None:
-        model, _label = common_resolve(spec)
-        return model.eval()
-    return _resolve_model_fallback(spec)
-
-
-def _resolve_model_fallback(spec: str) -> nn.Module:
-    from .. import zoo
-
-    if spec.lower() in zoo.list_models():
-        return zoo.load(spec.lower()).eval()
-    if ":" in spec and not os.path.exists(spec):
-        mod_name, _, attr = spec.partition(":")
-        import importlib
-        try:
-            factory = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise CLIError(f"cannot import model factory {spec!r} ({err}); use a zoo name "
-                           f"({', '.join(zoo.list_models())}), module.path:factory or a saved "
-                           "model file") from None
-        return factory().eval()
-    if os.path.isfile(spec):
-        obj = torch.load(spec, map_location="cpu", weights_only=False)
-        if isinstance(obj, nn.Module):
-            return obj.eval()
-        raise CLIError(f"{spec!r} holds a {type(obj).__name__}, not a whole nn.Module; save "
-                       "the module with torch.save(model, path) or use module.path:factory")
-    raise CLIError(f"unknown model {spec!r}; valid: a zoo name ({', '.join(zoo.list_models())}),"
-                   " module.path:factory, or a file saved with torch.save(model, path)")
+    model, _label = common_resolve(spec)
+    return model.eval()
 
 
 def model_label(spec: str) -> str:
