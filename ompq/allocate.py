@@ -572,7 +572,8 @@ def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
     candidates (2, 3, 4) for "orm-linear" (`objectives.paper_settings` gives its QAT ones). `act_bits`: int, or dict glob -> int (default 8).
     `pin`: dict glob -> bits (must be a candidate). `tie`: groups of names/globs with equal bits.
     `beta`: ORM importance temperature (`ompq.objectives`). `method`: "ilp" (exact, CP-SAT) or
-    "lp-round". `proxy`: the objective (`ompq.objectives`): "error" (default: Σ D_i(b_i)),
+    "lp-round" (the paper's linear relaxation, rounded within budget: meant for "orm-linear"; it
+    ignores the diminishing returns of the distortion objectives). `proxy`: the objective (`ompq.objectives`): "error" (default: Σ D_i(b_i)),
     "orm" (ORM-weighted distortion), "random" (shuffled ORM weights, a null control),
     "orm-linear" (the paper's Σ b_i·w_i), a dict layer -> θ, a baseline of
     `ompq.proxies.proxy_values` ("hawq", "uniform"; `model`, `data` are passed on), or a
