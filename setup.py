@@ -65,10 +65,12 @@ setup(
         "tqdm",
         "matplotlib",
         "scipy",
+        "onnx",          # ompq demo / export --onnx write and check an ONNX model
+        "onnxruntime",
     ],
     extras_require={
-        "export": ["onnx", "onnxruntime"],
-        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
+        "export": [],    # kept for old install commands; onnx is now a core dependency
+        "test": ["pytest", "hypothesis"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},

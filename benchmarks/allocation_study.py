@@ -162,7 +162,7 @@ def run(a: argparse.Namespace) -> None:
             store.add({"kind": "fp32", "model": name, "top1": float(acc.float().mean() * 100),
                        "n": int(acc.numel()), "correct": pack(acc)})
         for seed in a.seeds:
-            prof, prof_s, plain_s = None, 0.0, 0.0
+            prof, prof_s = None, 0.0
             for ab, act in BUDGETS:
                 if ab not in a.avg_bits or (act != 8 and not a.act4):
                     continue
@@ -171,10 +171,6 @@ def run(a: argparse.Namespace) -> None:
                                  act_bits=act, method=method, seed=seed):
                         continue
                     if prof is None:
-                        t0 = time.perf_counter()
-                        profile(model, train, num_samples=PROFILE_SAMPLES, seed=seed,
-                                progress=False, distortion_bits=None)
-                        plain_s = time.perf_counter() - t0
                         t0 = time.perf_counter()
                         prof = profile(model, train, num_samples=PROFILE_SAMPLES, seed=seed,
                                        progress=False)
@@ -196,7 +192,7 @@ def run(a: argparse.Namespace) -> None:
                                "budget_mb": size, "size_mb": cfg.size_mb, "bops_g": cfg.bops_g,
                                "bits": cfg.weight_bits, "top1": top1, "n": int(acc.numel()),
                                "search_seconds": search_s, "profile_seconds": prof_s,
-                               "plain_profile_seconds": plain_s, "ptq_seconds": ptq_s,
+                               "ptq_seconds": ptq_s,
                                "floor": method == "uniform" and cfg.size_mb < size * 0.99,
                                "correct": pack(acc)})
                     print(f"[{name} {a.stage} seed {seed}] {ab:g}b A{act} {method:10s} "
@@ -205,6 +201,15 @@ def run(a: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- correlation
+def _coin_pick(rng: np.random.Generator, bits: np.ndarray, order: np.ndarray) -> int:
+    """The first layer in `order` above the narrowest width whose coin flip comes up; passes
+    repeat until one does (the caller checks that such a layer exists)."""
+    while True:
+        for i in order:
+            if bits[i] > BITS[0] and rng.random() < 0.5:
+                return int(i)
+
+
 def neighbour(rng: np.random.Generator, params: np.ndarray, base: int, cap: int) -> list[int]:
     """A random config around uniform `base`: ±1/±2-bit moves on random layers, then repaired
     to the budget `cap` (bits) by lowering, and raised while it still fits."""
@@ -215,11 +220,8 @@ def neighbour(rng: np.random.Generator, params: np.ndarray, base: int, cap: int)
         bits[i] = BITS[int(np.clip(BITS.index(base) + rng.choice([-2, -1, 1, 2]), 0,
                                    len(BITS) - 1))]
     order = rng.permutation(num)
-    while int(bits @ params) > cap:  # lower random layers still above the minimum
-        i = next(i for i in order if bits[i] > BITS[0] and rng.random() < 0.5) \
-            if any(bits > BITS[0]) else None
-        if i is None:
-            break
+    while int(bits @ params) > cap and (bits > BITS[0]).any():  # lower random layers
+        i = _coin_pick(rng, bits, order)
         bits[i] = BITS[BITS.index(int(bits[i])) - 1]
     for i in order:  # fill: raise one step where it still fits
         if bits[i] < BITS[-1]:

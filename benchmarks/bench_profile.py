@@ -7,8 +7,8 @@ Measured in ONE run, interleaved (A B C A B C ...), medians over `--rounds` roun
   (a) forward  — a plain inference forward of the same batch (eval, torch.inference_mode);
   (a') forward, channels_last — the same with the input in channels_last (what ompq.profile's
       default memory_format="auto" feeds the model: faster oneDNN convolutions);
-  (c) ompq     — ompq.profile, defaults (one forward, a centred Gram per layer in hooks, one L×N²
-      product); compared with (a') for the overhead target;
+  (c) ompq     — ompq.profile with the ORM only (`distortion_bits=None`: one forward, a centred
+      Gram per layer in hooks, one L×N² product); compared with (a') for the overhead target;
   (c') ompq, memory_format="preserve" — the same on the input as given; compared with (a);
   naive hook   — context: a forward hook per layer that centres and multiplies with plain torch.
 Once: (b) reference — keep every layer's feature, then a Python double loop over all L×L
@@ -21,6 +21,8 @@ Peak RSS (resource.getrusage ru_maxrss) of (a) and (c), each in its own fresh su
 
 Targets (issue 2): ompq ≤ 1.2 × forward time (same input layout); ≥ 20 × faster than (b); peak RSS
 ≤ 1.3 × forward's.
+`--table-only`: instead, time once the default ompq.profile (ORM + the distortion table the
+default allocation needs) against (a'), and write benchmarks/results/profile_table.json.
 Usage: python benchmarks/bench_profile.py [--rounds 3] [--num-samples 64] [--image-size 224]
 Writes benchmarks/results/profile.json.
 """
@@ -129,11 +131,12 @@ def run_forward_cl(model, x) -> float:
     return time.perf_counter() - t0
 
 
-def run_ompq(model, x, memory_format: str = "auto") -> float:
+def run_ompq(model, x, memory_format: str = "auto", distortion_bits=None) -> float:
     from ompq.profile import profile
 
     t0 = time.perf_counter()
-    prof = profile(model, x, num_samples=x.shape[0], progress=False, memory_format=memory_format)
+    prof = profile(model, x, num_samples=x.shape[0], progress=False, memory_format=memory_format,
+                   distortion_bits=distortion_bits)
     elapsed = time.perf_counter() - t0
     if memory_format == "auto":
         PROFILE_TIMINGS.append(prof.timings)
@@ -230,6 +233,21 @@ def measure_rss(args, mode: str) -> int:
     return int(json.loads(out.strip().splitlines()[-1])["maxrss_kib"])
 
 
+def table_only(model, x, args) -> None:
+    """Default profile (ORM + distortion table) once, against the channels_last forward."""
+    from ompq.distortion import DISTORTION_BITS
+
+    fwd = run_forward_cl(model, x)
+    full = run_ompq(model, x, distortion_bits=DISTORTION_BITS)
+    table_s = PROFILE_TIMINGS[-1]["distortion"]
+    print(f"forward (channels_last) {fwd:.2f} s; default ompq.profile with the distortion table "
+          f"{full:.2f} s = {full / fwd:.2f}x the forward (table {table_s:.2f} s)")
+    write_json(os.path.join(RESULTS, "profile_table.json"),
+               {"num_samples": args.num_samples, "image_size": args.image_size,
+                "threads": args.threads, "forward_cl_s": fwd, "profile_default_s": full,
+                "distortion_s": table_s, "ratio": full / fwd})
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -241,6 +259,8 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--rss", choices=("forward", "profile"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--table-only", action="store_true",
+                    help="time the default profile with its distortion table, once")
     ap.add_argument("--out", default=os.path.join(RESULTS, "profile.json"))
     args = ap.parse_args()
     if args.rss:
@@ -256,6 +276,9 @@ def main() -> None:
           f"{ops.has_op('centered_gram')}")
     run_forward(model, x[:4])  # warm-up (allocator, kernels)
     run_ompq(model, x[:8])
+    if args.table_only:
+        table_only(model, x, args)
+        return
     variants = (("forward", run_forward), ("forward_cl", run_forward_cl), ("ompq", run_ompq),
                 ("ompq_preserve", run_ompq_preserve), ("naive_hook", run_naive))
     times = {name: [] for name, _ in variants}

@@ -10,6 +10,7 @@ top1 (%), n (images) and stage ("rtn"), ready for `ompq.report`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence
 
 from torch import nn
@@ -28,7 +29,8 @@ def frontier(model: nn.Module, profile: Any, train: Any, test: Any, *,
              seed: int = 0, hawq_samples: int = 128, hawq_iters: int = 30,
              progress: bool = False) -> list[dict]:
     """Records of round-to-nearest PTQ at every (method, average width); see the module
-    docstring. A budget a method cannot meet (e.g. below its narrowest candidate) is skipped."""
+    docstring. A budget a method cannot meet (e.g. below its narrowest candidate) is skipped
+    with a warning that names it."""
     from . import proxies
     from .evaluate import evaluate
     from .ptq import ptq
@@ -49,7 +51,9 @@ def frontier(model: nn.Module, profile: Any, train: Any, test: Any, *,
         try:
             cfg = allocate(profile, size_mb=size, bits=tuple(bits), act_bits=act_bits,
                            proxy=shared.get(method, method), seed=seed)
-        except InfeasibleBudgetError:
+        except InfeasibleBudgetError as err:
+            warnings.warn(f"frontier: {method} at {ab:g} bits per weight skipped: {err}",
+                          RuntimeWarning, stacklevel=2)
             continue
         q = ptq(model, cfg, train, num_samples=calib_samples, iters=0, act_iters=0, seed=seed,
                 progress=False)

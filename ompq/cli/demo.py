@@ -102,7 +102,7 @@ def _check_dependencies() -> None:
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise CLIError(f"ompq demo writes and checks an ONNX model and needs {' and '.join(missing)}"
-                       f": pip install {' '.join(missing)} (or pip install -e '.[export]')")
+                       f": pip install {' '.join(missing)}")
 
 
 def _run(args: argparse.Namespace) -> int:
