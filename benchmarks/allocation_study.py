@@ -53,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from ompq import proxies, zoo  # noqa: E402
 from ompq.allocate import allocate  # noqa: E402
+from ompq.bitconfig import CostModel  # noqa: E402
+from ompq.checkpoint import write_text_atomic  # noqa: E402
 from ompq.data import fashion_mnist  # noqa: E402
 from ompq.objectives import PAPER_BITS  # noqa: E402
 from ompq.profile import profile  # noqa: E402
@@ -91,10 +93,7 @@ class Store:
     def add(self, rec: dict) -> None:
         self.doc["records"].append(rec)
         self.keys.add(self.key(rec))
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.doc, fh)
-        os.replace(tmp, self.path)
+        write_text_atomic(json.dumps(self.doc), self.path)
 
 
 def machine() -> dict:
@@ -175,15 +174,14 @@ def run(a: argparse.Namespace) -> None:
                         prof = profile(model, train, num_samples=PROFILE_SAMPLES, seed=seed,
                                        progress=False)
                         prof_s = time.perf_counter() - t0
-                    total = sum(layer.params for layer in prof.layers)
-                    size = ab * total / 8 / 2 ** 20
+                    size = CostModel.from_layers(prof.layers).size_mb_at(ab)
                     cfg, search_s = search(method, prof, model, train, size, act, seed,
                                            hawq_cache)
                     if method != "hawq" and method != "uniform":
                         search_s += prof_s
                     t0 = time.perf_counter()
                     q = ptq(model, cfg, train, num_samples=CALIB, seed=seed, progress=False,
-                            act_bits=act, **stage)
+                            act_bits=act, **stage).model
                     ptq_s = time.perf_counter() - t0
                     acc = correct_mask(q, test_t)
                     top1 = float(acc.float().mean() * 100)
@@ -250,7 +248,7 @@ def corr(a: argparse.Namespace) -> None:
                 continue
             wb = dict(zip(names, bits))
             q = ptq(model, wb, train, num_samples=CALIB, iters=0, act_iters=0, seed=seed,
-                    progress=False)
+                    progress=False).model
             acc = correct_mask(q, test.tensors)
             rec = {"kind": "corr", "model": name, "avg_bits": ab, "seed": seed, "config": k,
                    "bits": wb, "size_mb": int(np.dot(bits, params)) / 8 / 2 ** 20,
@@ -289,7 +287,7 @@ def timing(a: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             prof = profile(model, train, num_samples=PROFILE_SAMPLES, seed=k, progress=False)
             t["profile"].append(time.perf_counter() - t0)
-            size = 3 * sum(layer.params for layer in prof.layers) / 8 / 2 ** 20
+            size = CostModel.from_layers(prof.layers).size_mb_at(3)
             t0 = time.perf_counter()
             allocate(prof, size_mb=size, bits=BITS)
             t["ilp"].append(time.perf_counter() - t0)
@@ -403,10 +401,7 @@ def report(a: argparse.Namespace) -> None:
         first = json.load(open(a.paths[0]))
         doc = {"format": "ompq.AllocationStudy", "version": 2, "settings": first["settings"],
                "machine": first["machine"], "records": recs, "summary": out}
-        tmp = a.merge + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, a.merge)
+        write_text_atomic(json.dumps(doc), a.merge)
 
 
 def orm_table(grid: list[dict]) -> list[str]:

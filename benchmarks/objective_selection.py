@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -25,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ompq import zoo  # noqa: E402
+from ompq.checkpoint import write_text_atomic  # noqa: E402
 from ompq.allocate import allocate  # noqa: E402
+from ompq.bitconfig import CostModel  # noqa: E402
 from ompq.data import fashion_mnist  # noqa: E402
 from ompq.evaluate import evaluate  # noqa: E402
 from ompq.profile import profile  # noqa: E402
@@ -64,24 +65,21 @@ def main(argv=None) -> int:
     for name in a.models:
         model = zoo.load(name)
         prof = profile(model, train, num_samples=64, seed=0, progress=False)
-        total = sum(layer.params for layer in prof.layers)
+        cost = CostModel.from_layers(prof.layers)
         for ab in a.avg_bits:
-            size = ab * total / 8 / 2 ** 20
+            size = cost.size_mb_at(ab)
             for label, kw in CANDIDATES.items():
                 cfg = allocate(prof, size_mb=size, bits=BITS, **kw)
                 t0 = time.perf_counter()
                 q = ptq(model, cfg, train, num_samples=a.calib, iters=0, act_iters=0, seed=0,
-                        progress=False)
+                        progress=False).model
                 r = evaluate(q, val, progress=False)
                 doc["records"].append({"model": name, "avg_bits": ab, "objective": label,
                                        "size_mb": cfg.size_mb, "bits": cfg.weight_bits,
                                        "top1": r["top1"], "n": r["n"],
                                        "seconds": time.perf_counter() - t0})
                 print(f"[{name}] {ab:g} bits {label:16s} top1 {r['top1']:.2f}", flush=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp, a.out)
+    write_text_atomic(json.dumps(doc, indent=1), a.out)
     print(table(doc))
     return 0
 

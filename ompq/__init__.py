@@ -21,20 +21,24 @@ from . import ops  # noqa: E402,F401  (warns once if the compiled extension is m
 from .layers import LayerInfo, find_layers, measure_layers  # noqa: E402
 from .orm import orm_from_grams, orm_matrix  # noqa: E402
 from .profile import Profile, profile  # noqa: E402
-from .allocate import BitConfig, InfeasibleBudgetError, allocate  # noqa: E402
-from .quantizers import quantize_  # noqa: E402
-from .ptq import ptq  # noqa: E402
-from .qat import qat  # noqa: E402
+from .bitconfig import BitConfig  # noqa: E402
+from .allocate import InfeasibleBudgetError, allocate  # noqa: E402
+from .quantize import QuantScheme, quantize_  # noqa: E402
+from .ptq import PTQConfig, PTQResult, ptq  # noqa: E402
+from .qat import QATConfig, QATResult, qat  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 
 _LAZY = {
     # name: (module, attribute or None for the module itself)
     "zoo": ("zoo", None),
     "data": ("data", None),
-    "export": ("export", None),
+    "bitconfig": ("bitconfig", None),
+    "packed": ("packed", None),
+    "onnx_export": ("onnx_export", None),
     "report": ("report", None),
     "proxies": ("proxies", None),
     "frontier": ("frontier", None),
+    "pipeline": ("pipeline", None),
     "objectives": ("objectives", None),
     "distortion": ("distortion", None),
 }
@@ -54,5 +58,6 @@ def __getattr__(name: str):
 __all__ = sorted(_LAZY) + [
     "ops", "__version__", "LayerInfo", "find_layers", "measure_layers", "orm_matrix",
     "orm_from_grams", "Profile", "profile", "BitConfig", "InfeasibleBudgetError", "allocate",
-    "quantize_", "ptq", "qat", "evaluate",
+    "quantize_", "QuantScheme", "ptq", "PTQConfig", "PTQResult", "qat", "QATConfig", "QATResult",
+    "evaluate",
 ]

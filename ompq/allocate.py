@@ -1,27 +1,14 @@
-"""Bit allocation: the exact integer optimum of an objective under size/BOPs budgets.
+"""Bit allocation: the exact integer optimum of an objective under size and BOPs budgets.
 
-The objectives (`ompq.objectives`): by default minimise Σ_i θ_i · D_i(b_i), the layers'
-measured quantization distortion (`ompq.distortion`) weighted by an importance θ; "orm-linear"
-is the paper's Σ_i b_i · w_i; "hawq" and "uniform" come from `ompq.proxies`.
-
-Allocation: maximise Σ_i values_i[b_i] over one candidate bit-width per layer, subject to (in integers, so a budget is never exceeded)::
-
-    Σ_i b_i · params_i ≤ floor(size_mb · 8 · 2^20)          (bits)
-    Σ_i b_i · a_i · MACs_i ≤ floor(bops_g · 1e9)            (BOPs per sample)
-
-solved exactly by OR-Tools CP-SAT (boolean x[i, b], exactly one per layer; one worker and a fixed
-seed, so results are deterministic). `method="lp-round"` solves the paper's continuous
-relaxation (an LP over continuous bits in [min, max] of each candidate set) with HiGHS and rounds
-every layer down to a candidate, then greedily raises the layer with the best objective gain per
-unit of budget while the budgets hold, so it never exceeds them either.
+`allocate(profile, size_mb=..., bops_g=..., proxy=...)` returns a BitConfig (a list for a
+sweep): CP-SAT on integer budgets (bits, BOPs per sample), or the paper's LP relaxation with a
+budget-safe rounding (`method="lp-round"`). Formulation: docs/DESIGN.md, "Allocation".
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -31,105 +18,16 @@ from . import objectives
 from .layers import match_names
 from .objectives import (DEFAULT_BETA, DEFAULT_DISTORTION, DEFAULT_PROXY,  # noqa: F401
                          orm_importance)  # re-exported: ompq.allocate.orm_importance
-from .profile import Profile, load_json_payload, write_json
+from .bitconfig import BITS_PER_MIB, BitConfig, CostModel
+from .profile import Profile
 
-FORMAT = "ompq.BitConfig"
-VERSION = 1
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 METHODS = ("ilp", "lp-round")
-BITS_PER_MIB = 8 * 2 ** 20
 _OBJ_RESOLUTION = 2 ** 31  # integer objective units for the largest value range
 
 
 class InfeasibleBudgetError(ValueError):
     """No candidate bits meet the budget(s); the message states the achievable size/BOPs range."""
-
-
-@dataclass
-class BitConfig:
-    """Per-layer weight/activation bits and what they achieve.
-
-    `size_mb`: MiB of quantized weights; `bops_g`: GBOPs per sample; `importance`: the per-layer
-    weights θ the objective used (`ompq.objectives`);
-    `budget`: {"size_mb": MiB or None, "bops_g": GBOPs or None}; `search_seconds`: solver time.
-    """
-
-    weight_bits: dict[str, int]
-    act_bits: dict[str, int]
-    importance: dict[str, float]
-    size_mb: float
-    bops_g: float
-    status: str
-    objective: float
-    method: str
-    proxy: str
-    budget: dict[str, Optional[float]] = field(default_factory=dict)
-    search_seconds: float = 0.0
-    version: int = VERSION
-
-    @property
-    def names(self) -> list[str]:
-        """Layer names in execution order."""
-        return list(self.weight_bits)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict with "format" and "version"."""
-        return {"format": FORMAT, "version": self.version, "method": self.method,
-                "proxy": self.proxy, "status": self.status, "objective": self.objective,
-                "size_mb": self.size_mb, "bops_g": self.bops_g, "budget": dict(self.budget),
-                "search_seconds": self.search_seconds, "weight_bits": dict(self.weight_bits),
-                "act_bits": dict(self.act_bits), "importance": dict(self.importance)}
-
-    def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
-        """JSON text; also written to `path` when given."""
-        return write_json(json.dumps(self.to_dict(), indent=1), path)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BitConfig":
-        """Build from a dict checked by `from_json`."""
-        return cls(weight_bits={k: int(v) for k, v in d["weight_bits"].items()},
-                   act_bits={k: int(v) for k, v in d["act_bits"].items()},
-                   importance={k: float(v) for k, v in d.get("importance", {}).items()},
-                   size_mb=float(d["size_mb"]), bops_g=float(d["bops_g"]),
-                   status=str(d["status"]), objective=float(d["objective"]),
-                   method=str(d["method"]), proxy=str(d["proxy"]),
-                   budget={k: (None if v is None else float(v))
-                           for k, v in d.get("budget", {}).items()},
-                   search_seconds=float(d.get("search_seconds", 0.0)), version=VERSION)
-
-    @classmethod
-    def from_json(cls, src: Union[str, os.PathLike, dict]) -> "BitConfig":
-        """Load from JSON text, a file path or a dict; refuses other formats/newer versions."""
-        if not isinstance(src, dict):
-            text = str(src)
-            if not text.lstrip().startswith(("{", "[")) and os.path.exists(text):
-                with open(text, encoding="utf-8") as fh:
-                    text = fh.read()
-            if text.lstrip().startswith("["):
-                raise ValueError("this JSON holds a list of BitConfigs (a Pareto sweep); load it "
-                                 "with ompq.allocate.load_bit_configs")
-            src = text
-        try:
-            return cls.from_dict(load_json_payload(src, FORMAT, VERSION))
-        except KeyError as err:
-            raise ValueError(f"BitConfig JSON lacks the field {err.args[0]!r}") from None
-
-
-def save_bit_configs(configs: Sequence[BitConfig], path: Optional[Union[str, os.PathLike]] = None
-                     ) -> str:
-    """JSON text of a list of BitConfigs (a Pareto sweep); also written to `path` when given."""
-    return write_json(json.dumps([c.to_dict() for c in configs], indent=1), path)
-
-
-def load_bit_configs(src: Union[str, os.PathLike]) -> list[BitConfig]:
-    """Load one BitConfig or a list of them (JSON text or a file path) as a list."""
-    text = str(src)
-    if not text.lstrip().startswith(("{", "[")):
-        with open(text, encoding="utf-8") as fh:
-            text = fh.read()
-    data = json.loads(text)
-    items = data if isinstance(data, list) else [data]
-    return [BitConfig.from_dict(load_json_payload(x, FORMAT, VERSION)) for x in items]
 
 
 # ----------------------------------------------------------------------------- problem set-up
@@ -276,6 +174,7 @@ class _Problem:
     names: list[str]
     cand: dict[str, tuple[int, ...]]
     groups: list[list[int]]
+    cost: CostModel
     params: np.ndarray
     macs: np.ndarray
     act: np.ndarray
@@ -283,10 +182,12 @@ class _Problem:
     weights: Optional[np.ndarray] = None  # w_i when values_i[b] = b · w_i for every layer
 
     def size_bits(self, bits: Sequence[int]) -> int:
-        return int(sum(int(b) * int(p) for b, p in zip(bits, self.params)))
+        """Σ params_i · b_i (exact integer bits)."""
+        return self.cost.size_bits(bits)
 
     def bops(self, bits: Sequence[int]) -> int:
-        return int(sum(int(b) * int(a) * int(m) for b, a, m in zip(bits, self.act, self.macs)))
+        """Σ MACs_i · b_i · a_i (exact integer BOPs per sample)."""
+        return self.cost.bops(bits, self.act)
 
     def objective(self, bits: Sequence[int]) -> float:
         return float(sum(v[int(b)] for v, b in zip(self.values, bits)))
@@ -306,9 +207,10 @@ def _caps(problem: _Problem, size_mb: Optional[float], bops_g: Optional[float]
     if too_small:
         raise InfeasibleBudgetError(
             f"no bit assignment meets the budget (size_mb={size_mb}, bops_g={bops_g}): under the "
-            f"candidates and pins the size ranges from {problem.size_bits(lo) / BITS_PER_MIB:.6g}"
-            f" to {problem.size_bits(hi) / BITS_PER_MIB:.6g} MiB and the BOPs from "
-            f"{problem.bops(lo) / 1e9:.6g} to {problem.bops(hi) / 1e9:.6g} G")
+            f"candidates and pins the size ranges from {problem.cost.size_mb(lo):.6g} to "
+            f"{problem.cost.size_mb(hi):.6g} MiB and the BOPs from "
+            f"{problem.cost.bops_g(lo, problem.act):.6g} to "
+            f"{problem.cost.bops_g(hi, problem.act):.6g} G")
     return cap_size, cap_bops
 
 
@@ -544,9 +446,10 @@ def _problem(profile: Profile, bits: Any, act_bits: Any, pin: Any, tie: Any
     cand = _candidates(names, bits, pin)
     groups = _tie_groups(names, tie, cand)
     act = _per_layer(act_bits, names, 8, "act_bits", _act_int)
-    return _Problem(names=names, cand=cand, groups=groups,
-                    params=np.array([layer.params for layer in profile.layers], dtype=np.int64),
-                    macs=np.array([layer.macs for layer in profile.layers], dtype=np.int64),
+    cost = CostModel.from_layers(profile.layers)
+    return _Problem(names=names, cand=cand, groups=groups, cost=cost,
+                    params=np.array(cost.params, dtype=np.int64),
+                    macs=np.array(cost.macs, dtype=np.int64),
                     act=np.array([act[n] for n in names], dtype=np.int64), values=[])
 
 
@@ -628,7 +531,7 @@ def _config(problem: _Problem, chosen: list[int], status: str, method: str, prox
     return BitConfig(weight_bits={n: int(b) for n, b in zip(names, chosen)},
                      act_bits={n: int(a) for n, a in zip(names, problem.act)},
                      importance=dict(importance),
-                     size_mb=problem.size_bits(chosen) / BITS_PER_MIB,
-                     bops_g=problem.bops(chosen) / 1e9, status=status,
+                     size_mb=problem.cost.size_mb(chosen),
+                     bops_g=problem.cost.bops_g(chosen, problem.act), status=status,
                      objective=problem.objective(chosen), method=method, proxy=proxy,
                      budget={"size_mb": size_mb, "bops_g": bops_g}, search_seconds=seconds)

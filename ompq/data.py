@@ -2,7 +2,8 @@
 
 No torchvision: Fashion-MNIST is decoded from its idx ``.gz`` files with gzip + numpy, image
 folders are read with PIL. Every random choice takes a ``seed`` and uses a local
-``torch.Generator``.
+``torch.Generator``. `sample_inputs` is the one sampler of model inputs (profiling,
+calibration); `iter_batches` reads inputs in order, batch by batch.
 
 Dataset specs understood by :func:`load_dataset` (and the CLI's ``--data``):
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import sys
+import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 __all__ = [
     "FASHION_MNIST_MEAN",
@@ -36,11 +39,9 @@ __all__ = [
     "ImageFolder",
     "imagefolder",
     "load_dataset",
-    "sample_batch",
-    "sample_input",
+    "sample_inputs",
+    "iter_batches",
     "draw_indices",
-    "stack_items",
-    "read_batches",
     "make_loader",
 ]
 
@@ -262,7 +263,7 @@ def load_dataset(spec: str, split: str = "test", **imagefolder_kwargs) -> Datase
     raise DatasetError(f"unknown dataset spec {spec!r}; valid: {_VALID_SPECS}")
 
 
-def sample_input(item) -> torch.Tensor:
+def _item_input(item: Any) -> torch.Tensor:
     """The input of one dataset item or batch: ``x`` itself or the first element of ``(x, y, …)``,
     as a tensor (array-likes are converted). Dicts and other types raise TypeError."""
     x = item[0] if isinstance(item, (tuple, list)) else item
@@ -278,14 +279,14 @@ def sample_input(item) -> torch.Tensor:
 
 
 def draw_indices(count: int, n: int, seed: int) -> torch.Tensor:
-    """``min(n, count)`` distinct indices of ``range(count)`` in an order fixed by ``seed`` (local
-    generator: the first ``n`` of a seeded random permutation). Callers decide what too few
-    samples means: `sample_batch` and `profile` raise, PTQ calibration warns and uses them all."""
+    """``min(n, count)`` distinct indices of ``range(count)`` in an order fixed by ``seed``: the
+    first ``n`` of a random permutation drawn with a local generator (the global RNG is left
+    alone). The one seeded draw behind `sample_inputs`."""
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randperm(count, generator=gen)[:n]
 
 
-def stack_items(dataset, idx: torch.Tensor) -> torch.Tensor:
+def _stack_items(dataset: Any, idx: torch.Tensor) -> torch.Tensor:
     """Stack the inputs of ``dataset[i]`` for ``i`` in ``idx`` (a 1-D index tensor, in that
     order; a TensorDataset is indexed directly, and indexing by a 1-D tensor copies, so the
     result never aliases the dataset)."""
@@ -294,15 +295,15 @@ def stack_items(dataset, idx: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"idx must be a 1-D tensor of indices, got shape {tuple(idx.shape)}")
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0][idx]
-    return torch.stack([sample_input(dataset[int(i)]) for i in idx])
+    return torch.stack([_item_input(dataset[int(i)]) for i in idx])
 
 
-def read_batches(batches, n: int) -> tuple[Optional[torch.Tensor], int]:
+def _read_batches(batches: Any, n: int) -> tuple[Optional[torch.Tensor], int]:
     """Concatenate the inputs of an iterable of batches (tensors or ``(x, y)``) until they hold at
     least ``n`` samples; returns the pool (None when there were no batches) and its size."""
     out, have = [], 0
     for batch in batches:
-        x = sample_input(batch)
+        x = _item_input(batch)
         if x.dim() == 0:
             raise ValueError("each batch must have the batch on dim 0")
         out.append(x)
@@ -312,15 +313,138 @@ def read_batches(batches, n: int) -> tuple[Optional[torch.Tensor], int]:
     return (torch.cat(out) if out else None), have
 
 
-def sample_batch(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
-    """Stack ``n`` inputs drawn without replacement from ``dataset`` (local generator)."""
-    size = len(dataset)  # type: ignore[arg-type]
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if n > size:
-        raise ValueError(f"cannot draw n={n} samples without replacement from a dataset of "
-                         f"{size}; use n <= {size}")
-    return stack_items(dataset, draw_indices(size, n, seed))
+_VALID_DATA = ("give at least 1 sample: a tensor N × … (N ≥ 1), an (inputs, labels) pair, a "
+               "non-empty Dataset or an iterable of non-empty batches")
+_VALID_TYPES = ("inputs must be a tensor (N×...), an (inputs, labels) pair of tensors, a Dataset "
+                "(items x or (x, y)) or an iterable of batches")
+
+
+def _kind(data: Any) -> tuple[str, Any]:
+    """("tensor", inputs), ("dataset", data) or ("batches", data): how `data` is read."""
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        data = data[0]  # (inputs, labels, …): the first element holds the inputs
+    if isinstance(data, torch.Tensor):
+        return "tensor", data
+    if isinstance(data, (str, bytes, dict)):
+        raise TypeError(f"{_VALID_TYPES}, got {type(data).__name__}")
+    if isinstance(data, (tuple, list)):
+        return "batches", data
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") \
+            and not isinstance(data, (DataLoader, IterableDataset)):
+        return "dataset", data
+    if hasattr(data, "__iter__"):
+        return "batches", data
+    raise TypeError(f"{_VALID_TYPES}, got {type(data).__name__}")
+
+
+def _caller_stacklevel() -> int:
+    """`warnings.warn` stacklevel, for a warning issued by the function that calls this one, of
+    the first frame outside the ompq package: the user's line, however deep inside ompq the
+    warning starts."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "ompq":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_count(have: int, num_samples: int, strict: bool, holds: str, empty: str) -> None:
+    """Fewer than ``num_samples`` samples: ValueError when `strict` (`holds` says how many the
+    data holds), else a UserWarning and all are used (the calibration policy); no sample at
+    all raises in both modes (`empty` describes the data)."""
+    if have >= num_samples:
+        return
+    if strict:
+        raise ValueError(f"{holds}, fewer than num_samples = {num_samples}")
+    if have == 0:
+        raise ValueError(f"calibration data is empty ({empty}); {_VALID_DATA}")
+    warnings.warn(f"calibration data holds {have} samples, fewer than num_samples = "
+                  f"{num_samples}; calibrating on all {have}", UserWarning,
+                  stacklevel=_caller_stacklevel())
+
+
+def _check_num_samples(num_samples: Any) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise TypeError(f"num_samples must be an int, got {num_samples!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return num_samples
+
+
+def _draw(count: int, num_samples: int, seed: int, keep_order: bool) -> torch.Tensor:
+    idx = draw_indices(count, num_samples, seed)
+    return idx.sort().values if keep_order else idx
+
+
+def _sample_tensor(x: torch.Tensor, num_samples: int, seed: int, keep_order: bool,
+                   strict: bool) -> torch.Tensor:
+    count = x.shape[0] if x.dim() else 0
+    _check_count(count, num_samples, strict, f"the tensor holds {count} samples along dim 0",
+                 f"a tensor of shape {tuple(x.shape)}")
+    return x[_draw(count, num_samples, seed, keep_order).to(x.device)]
+
+
+def _sample_dataset(dataset: Any, num_samples: int, seed: int, keep_order: bool,
+                    strict: bool) -> torch.Tensor:
+    count = len(dataset)
+    _check_count(count, num_samples, strict, f"the dataset holds {count} samples",
+                 "a Dataset of length 0")
+    return _stack_items(dataset, _draw(count, num_samples, seed, keep_order))
+
+
+def _sample_batches(batches: Any, num_samples: int, seed: int, keep_order: bool,
+                    strict: bool) -> torch.Tensor:
+    pool, have = _read_batches(batches, num_samples)
+    _check_count(have, num_samples, strict, f"the batches hold {have} samples",
+                 "it yielded " + ("no batches" if pool is None else "batches of 0 samples"))
+    if not keep_order:
+        return pool[:num_samples]
+    return pool[_draw(have, num_samples, seed, True).to(pool.device)]
+
+
+def sample_inputs(data: Any, num_samples: int, seed: int = 0, *, keep_order: bool = False,
+                  strict: bool = False) -> torch.Tensor:
+    """Draw ``num_samples`` inputs (a tensor N × …) without replacement, seeded by ``seed``.
+
+    ``data``: a tensor N × …; an ``(inputs, labels, …)`` tuple/list of tensors (the first is
+    used); a map-style Dataset (items ``x`` or ``(x, y, …)``), sampled through `draw_indices`;
+    or an iterable of batches (tensors or ``(x, y)``, e.g. a DataLoader or a list), read until it
+    holds ``num_samples``. ``keep_order``: the samples keep their order in the data (sorted
+    indices) and a stream's samples are drawn from everything read; otherwise they come in draw
+    order and a stream gives its first ``num_samples``. ``strict``: too few samples raise
+    ValueError (the profiler's policy); otherwise (the calibration policy) they warn, at the
+    first line outside ompq, and are all used, and empty data raises ValueError. The global RNG
+    is not used: the same ``seed`` gives the same samples.
+    """
+    num_samples = _check_num_samples(num_samples)
+    kind, src = _kind(data)
+    sampler = {"tensor": _sample_tensor, "dataset": _sample_dataset,
+               "batches": _sample_batches}[kind]
+    return sampler(src, num_samples, seed, keep_order, strict)
+
+
+def iter_batches(data: Any, batch_size: int,
+                 limit: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Input batches (tensors of at most ``batch_size`` samples) of the first ``limit`` samples
+    (all by default), in order, of a tensor, an ``(inputs, labels)`` pair or a map-style Dataset.
+    Tensors and TensorDatasets are sliced (views), other Datasets stacked item by item."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    kind, src = _kind(data)
+    if kind == "dataset" and isinstance(src, TensorDataset):
+        kind, src = "tensor", src.tensors[0]
+    if kind == "batches":
+        raise TypeError(f"iter_batches needs a tensor, an (inputs, labels) pair or a Dataset, "
+                        f"got {type(data).__name__}")
+    count = src.shape[0] if kind == "tensor" else len(src)
+    n = count if limit is None else min(limit, count)
+    return (_rows(kind, src, i, min(i + batch_size, n)) for i in range(0, n, batch_size))
+
+
+def _rows(kind: str, src: Any, start: int, stop: int) -> torch.Tensor:
+    """Inputs ``start:stop`` of a tensor (a view) or a Dataset (stacked)."""
+    if kind == "tensor":
+        return src[start:stop]
+    return _stack_items(src, torch.arange(start, stop))
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, seed: int = 0,

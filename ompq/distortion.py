@@ -1,19 +1,8 @@
-"""Distortion tables: what each candidate bit-width costs each layer, measured in the profile.
+"""Distortion tables: what each candidate width costs each layer, measured in the profile.
 
-For every layer i and width b of `bits`, inside the profiler's one forward (no extra network
-forward), with the layer's weight as PTQ quantizes it:
-
-- `W_f` is the weight with a directly following BatchNorm folded in (the pairs PTQ folds,
-  `quantizers.find_conv_bn_pairs`), and `Q_b` is PTQ's weight quantizer (asymmetric,
-  per output channel, MSE-initialised scale; the scale search runs coarse to fine,
-  `quantizers.search_scale`, which matches PTQ's exhaustive search but for rare near-ties);
-- ``weight[b] = ‖Q_b(W_f) − W_f‖²`` (sum of squares, weight units²): the data-free error;
-- ``output[b] = ‖(Q_b(W_f) − W_f) ⊛ x‖² / ‖W_f ⊛ x − mean‖²``: the noise-to-signal ratio (NSR,
-  dimensionless) of the layer's folded output on its real input x, over the first `samples`
-  profiled samples. The mean is per output channel; the bias cancels in the difference.
-
-Both rows are made non-increasing in b (a running minimum from the narrowest width), so a wider
-grid is never reported worse than a narrower one; measured tables almost never need it.
+Per layer and width (bits): the output noise-to-signal ratio (dimensionless) and the weight
+error (weight units²) of PTQ's weight quantizer, inside the profiler's one forward.
+Definitions: docs/DESIGN.md, "Distortion table".
 """
 from __future__ import annotations
 
@@ -26,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .quantizers import find_conv_bn_pairs, search_scale, weight_qrange
+from .batchnorm import find_conv_bn_pairs
+from .quantizers import search_scale, weight_qrange
 
 DISTORTION_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 KINDS = ("output", "weight")

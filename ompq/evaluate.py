@@ -1,7 +1,7 @@
-"""Evaluation (top-1 %, mean cross-entropy) and size/BOPs helpers for a BitConfig."""
+"""Evaluation: top-1 accuracy (%) and mean cross-entropy of a model on labelled data."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,33 +64,3 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256,
     if n == 0:
         raise ValueError("evaluate: no samples")
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
-
-
-def model_size(bit_config: Any, params: Optional[Mapping[str, int]] = None) -> float:
-    """Size in MiB of the quantized weights: Σ params_i · bits_i / (8 · 2**20).
-
-    `params` (layer -> weight elements) is needed when `bit_config` is a plain dict; for a
-    `BitConfig` its stored `size_mb` is returned.
-    """
-    if params is None:
-        size = getattr(bit_config, "size_mb", None)
-        if size is None:
-            raise ValueError("model_size: pass params= (layer -> weight elements) for a dict")
-        return float(size)
-    bits = getattr(bit_config, "weight_bits", bit_config)
-    missing = [n for n in bits if n not in params]
-    if missing:
-        raise ValueError(f"model_size: no parameter count for layers {missing}")
-    return sum(params[n] * int(b) for n, b in bits.items()) / (8 * 2 ** 20)
-
-
-def model_bops(bit_config: Any, macs: Mapping[str, int], act_bits: Union[int, Mapping[str, int]]
-               = 8) -> float:
-    """GBOPs per sample: Σ MACs_i · b_w,i · b_a,i / 1e9."""
-    bits = getattr(bit_config, "weight_bits", bit_config)
-    ab = getattr(bit_config, "act_bits", None) or act_bits
-    total = 0.0
-    for n, b in bits.items():
-        a = ab.get(n, 8) if isinstance(ab, Mapping) else int(ab)
-        total += macs[n] * int(b) * int(a)
-    return total / 1e9

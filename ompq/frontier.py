@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from .allocate import InfeasibleBudgetError, allocate
+from .bitconfig import CostModel
 
 DEFAULT_AVG_BITS = (2.0, 3.0, 4.0, 5.0, 6.0)
 DEFAULT_METHODS = ("error", "uniform", "hawq", "orm-linear")
@@ -35,7 +36,7 @@ def frontier(model: nn.Module, profile: Any, train: Any, test: Any, *,
     from .evaluate import evaluate
     from .ptq import ptq
 
-    total = sum(layer.params for layer in profile.layers)
+    cost = CostModel.from_layers(profile.layers)
     shared: dict[str, Any] = {}
     if "hawq" in methods:  # one Hessian trace for the whole sweep
         shared["hawq"] = proxies.proxy_values("hawq", profile, tuple(bits), model=model,
@@ -47,7 +48,7 @@ def frontier(model: nn.Module, profile: Any, train: Any, test: Any, *,
         jobs = tqdm(jobs, desc="ompq frontier", unit="point", leave=False)
     records = []
     for method, ab in jobs:
-        size = ab * total / (8 * 2 ** 20)
+        size = cost.size_mb_at(ab)
         try:
             cfg = allocate(profile, size_mb=size, bits=tuple(bits), act_bits=act_bits,
                            proxy=shared.get(method, method), seed=seed)
@@ -56,7 +57,7 @@ def frontier(model: nn.Module, profile: Any, train: Any, test: Any, *,
                           RuntimeWarning, stacklevel=2)
             continue
         q = ptq(model, cfg, train, num_samples=calib_samples, iters=0, act_iters=0, seed=seed,
-                progress=False)
+                progress=False).model
         r = evaluate(q, test, progress=False, max_samples=eval_limit)
         records.append({"method": method, "avg_bits": float(ab), "size_mb": cfg.size_mb,
                         "bops_g": cfg.bops_g, "top1": r["top1"], "n": r["n"], "stage": "rtn",

@@ -15,8 +15,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
+
+from .trace import Hooks, first_tensor, forward
 
 QUANTIZABLE_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -76,6 +77,11 @@ def _as_patterns(patterns: Patterns, what: str) -> list[str]:
 def match_names(pattern: str, names: Sequence[str]) -> list[str]:
     """Names matching a glob pattern (fnmatch, case-sensitive); an exact name always matches."""
     return [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+
+
+def matches_any(name: str, patterns: Patterns) -> bool:
+    """Whether `name` matches one of the glob `patterns` (None matches nothing)."""
+    return any(match_names(p, [name]) for p in _as_patterns(patterns, "pattern"))
 
 
 def _preview(names: Sequence[str], limit: int = 12) -> str:
@@ -166,24 +172,11 @@ def layer_info(name: str, module: nn.Module, inp: Tensor, out: Tensor) -> LayerI
                      groups=int(getattr(module, "groups", 1)))
 
 
-def first_tensor(args: Any) -> Optional[Tensor]:
-    """The first tensor among a hook's positional arguments (or the value itself)."""
-    if isinstance(args, Tensor):
-        return args
-    if isinstance(args, (tuple, list)):
-        for a in args:
-            if isinstance(a, Tensor):
-                return a
-    return None
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Run `model` on a tensor, a tuple/list of positional args, or a dict of keyword args."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path `name` by `new`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def measure_layers(model: nn.Module, example_input: Any,
@@ -214,16 +207,10 @@ def measure_layers(model: nn.Module, example_input: Any,
                 infos[name] = info
         return hook
 
-    handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            call_model(model, example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    hooks = Hooks()
+    for n in names:
+        hooks.post(modules[n], make_hook(n))
+    forward(model, example_input, hooks, grad_mode="inference")
     not_run = [n for n in names if n not in infos]
     if not_run:
         raise ValueError(f"layer(s) {_preview([repr(n) for n in not_run])} did not run in the "

@@ -1,21 +1,7 @@
-"""Allocation objectives built from a profile alone: the ILP maximises Σ_i values_i[b_i].
+"""Allocation objectives built from a profile alone (`build`), and the ORM importance.
 
-- "orm" / "error" / "random" / a dict: minimise Σ_i θ_i · D_i(b_i), i.e.
-  ``values_i[b] = −θ_i · D_i(b)``, where D_i(b) is the profile's distortion table
-  (`ompq.distortion`; kind "output" or "weight") and θ_i the layer's importance:
-  θ = ORM importance (`orm_importance`) for "orm", θ ≡ 1 for "error", a seeded random
-  permutation of the ORM importance for "random" (same spread, assignment to layers shuffled: the
-  null control for what the ORM adds), or the given numbers for a dict layer -> θ.
-  D falls by ~4× per bit, so the optimum has diminishing returns and stays near uniform unless a
-  layer's distortion says otherwise.
-- "orm-linear": the paper's objective ``values_i[b] = b · w_i`` with w the ORM importance
-  (SPEC §4). Linear in b, so under a size knapsack its optimum is bang-bang: every layer at its
-  smallest or largest candidate, ordered by w_i / params_i. Kept for reproducibility.
-
-Importance (all θ-based objectives, SPEC §4 with γ normalised so that β is scale-free)::
-
-    γ_i = mean_{j≠i} ORM(i, j),  γ̂_i = (γ_i − min γ) / (max γ − min γ)   (0 when all equal)
-    θ_i = exp(−β · γ̂_i),  w_i = mean(θ_i, …, θ_L),  importance = w / mean(w)
+The distortion objectives ("error", "orm", "random", a dict layer -> θ) minimise Σ θ_i·D_i(b_i);
+"orm-linear" is the paper's Σ b_i·w_i. Formulas: docs/DESIGN.md, "Objectives".
 """
 from __future__ import annotations
 
@@ -26,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .distortion import KINDS
+from .orm import orm_gamma
 
 DEFAULT_BETA = 3.0
 DEFAULT_PROXY = "error"
@@ -74,7 +61,7 @@ def orm_importance(orm: Any, beta: float = DEFAULT_BETA) -> np.ndarray:
         raise ValueError(f"ORM must be a non-empty square matrix, got shape {m.shape}")
     if not np.isfinite(m).all():
         raise ValueError("ORM has non-finite entries")
-    gamma = (m.sum(axis=1) - np.diag(m)) / max(num - 1, 1)
+    gamma = orm_gamma(m).numpy()
     span = gamma.max() - gamma.min()
     ghat = (gamma - gamma.min()) / span if span > 1e-12 else np.zeros(num)
     theta = np.exp(-float(beta) * ghat)

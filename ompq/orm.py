@@ -1,30 +1,14 @@
 """Orthogonality metric (ORM): linear-kernel CKA between the features of every pair of layers.
 
-With column-centred features X̃_i (N×D_i) and centred Grams K_i = X̃_i X̃_iᵀ (N×N)::
-
-    ORM(i, j) = <K_i, K_j>_F / (‖K_i‖_F · ‖K_j‖_F)
-
-All pairs come from ONE matrix product: stack the Frobenius-normalised Grams as rows of an
-L×N² matrix G (float64) and take G Gᵀ. ORM has a unit diagonal, is symmetric, lies in [0, 1] and
-is invariant to isotropic scaling and orthogonal transforms of each feature space.
-
-`debiased=True` replaces the (biased) HSIC by the unbiased U-statistic of Song et al. (2007):
-each Gram is *U-centred* (diagonal zeroed, then row/column means removed with the
-1/(N−2), 1/((N−1)(N−2)) weights of Székely & Rizzo; as in the debiased CKA of Kornblith et al. /
-Nguyen et al.); ORM(i, j) = <U_i, U_j> / (‖U_i‖ ‖U_j‖). The 1/(N(N−3)) factor of the
-U-statistic cancels. Debiased values can be slightly negative. Needs N ≥ 4.
-
-Degenerate features: a non-finite feature (or Gram) raises ValueError naming the layer. A
-constant (or all-zero) feature has a zero centred Gram, for which CKA is 0/0; ompq warns naming
-the layer and defines its row and column as 0 off the diagonal (and 1 on it): a feature that does
-not vary over the samples shares no sample structure with any other layer. No NaN ever leaves
-these functions.
+From centred Grams in one matrix product, with the biased or the debiased (U-statistic) HSIC.
+Definitions and degenerate features: docs/DESIGN.md, "ORM".
 """
 from __future__ import annotations
 
 import warnings
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -172,3 +156,16 @@ def orm_matrix(features: Sequence[Tensor], debiased: bool = False,
     grams = torch.stack([feature_gram(f).to(dtype) for f in feats])
     energy = torch.stack([f.double().square().sum() for f in feats])
     return orm_from_grams(grams, debiased=debiased, names=names, scales=energy)
+
+
+def orm_gamma(orm) -> Tensor:
+    """γ_i = mean over j ≠ i of ORM(i, j): how much layer i shares with the others (lower = more
+    orthogonal); float64, length L, 0 for a single layer.
+
+    `orm`: an L×L tensor or array. Computed in NumPy (row sums in its pairwise order), the
+    arithmetic behind every ORM-based allocation (`objectives.orm_importance`).
+    """
+    m = np.asarray(orm.detach().cpu().numpy() if isinstance(orm, Tensor) else orm,
+                   dtype=np.float64)
+    num = m.shape[0]
+    return torch.from_numpy((m.sum(axis=1) - np.diag(m)) / max(num - 1, 1))

@@ -1,34 +1,8 @@
-"""Streaming ORM profiler: one inference forward, one centred Gram per layer, one matrix product.
+"""Streaming profiler: one inference forward, one centred Gram per layer, one matrix product.
 
-Which tensor is a layer's feature (`feature="auto"`, the default)
------------------------------------------------------------------
-The reference implementation takes a layer's feature after the BatchNorm and activation that
-directly follow it (and, for the last conv of a residual block, after the residual add and its
-ReLU), because that is the function the layer computes inside the network: a conv output before
-its BN/ReLU differs from what the next layer sees by a per-channel affine map and a rectification,
-and CKA is not invariant to either. ompq finds that tensor model-agnostically with forward hooks
-on every leaf module and *tensor identity*:
-
-* when layer i returns its output, that tensor becomes *pending*;
-* when the next leaf module called is a BatchNorm or an activation module (`FOLLOW_TYPES`:
-  ReLU, ReLU6, GELU, SiLU, Hardswish, ...) whose input **is** the pending tensor, the module's
-  output becomes the pending tensor (an in-place ReLU returns the same tensor);
-* any other module call (or the end of the forward) ends the chain: the pending tensor is turned
-  into its centred N×N Gram (`ompq.ops.centered_gram`) and released.
-
-Consequences: `conv → bn → relu` gives the post-ReLU tensor; `out = bn2(conv2(x)); out += identity;
-out = self.relu(out)` gives the post-add, post-ReLU tensor (the in-place add keeps the tensor's
-identity, the ReLU module then follows it), as in the reference. A functional activation
-(`F.relu`) or a non-in-place add ends the chain before it, and a module called between a layer and
-its BN (e.g. a downsample branch run before the add) ends it too. An in-place change made by a
-functional op while a tensor is pending (e.g. `out += identity` followed by `F.relu`) is part of
-the feature. `feature="output"` uses the raw layer output, turned into a Gram inside the layer's
-own hook.
-
-Memory: only the pending chain's tensor (at most one at a time; `_Recorder.max_pending` counts
-it) is held on top of what the forward itself keeps; every other feature is reduced to its Gram at
-once, so the profiler needs O(L·N²) extra memory. A layer called several times in one forward gets
-the Gram of the concatenation of its calls' features (the sum of their centred Grams).
+`profile(model, data)` returns a `Profile` (versioned JSON): layer stats, the L×L ORM and the
+distortion table. Which tensor is a layer's feature, and the O(L·N²) memory bound:
+docs/DESIGN.md, "Profiler".
 """
 from __future__ import annotations
 
@@ -37,16 +11,18 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .data import draw_indices, read_batches, stack_items
+from ._jsonio import load_json_payload, write_json
+from .data import sample_inputs
 from .distortion import (DEFAULT_SAMPLES, DISTORTION_BITS, DistortionTable, LayerMeter,
                          check_bits, fold_scales, table_from_meters)
-from .layers import LayerInfo, Patterns, call_model, find_layers, first_tensor, layer_info
-from .orm import MIN_SAMPLES, feature_gram, flatten_samples, orm_from_grams
+from .layers import LayerInfo, Patterns, find_layers, layer_info
+from .trace import Hooks, call_model, first_tensor
+from .orm import MIN_SAMPLES, feature_gram, flatten_samples, orm_from_grams, orm_gamma
 
 FORMAT = "ompq.Profile"
 VERSION = 2  # 2: adds the per-layer, per-width distortion table
@@ -58,41 +34,6 @@ FOLLOW_TYPES: tuple[type, ...] = (
 )
 FEATURES = ("auto", "output")
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
-
-
-def load_json_payload(src: Union[str, os.PathLike, dict], fmt: str, version: int) -> dict:
-    """Parse JSON text, a path to a JSON file, or a dict, and check its format and version."""
-    if isinstance(src, dict):
-        data = src
-    else:
-        text = str(src)
-        if not text.lstrip().startswith(("{", "[")):
-            if not os.path.exists(text):
-                raise FileNotFoundError(f"no such {fmt} JSON file: {text!r}")
-            with open(text, encoding="utf-8") as fh:
-                text = fh.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not valid {fmt} JSON: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != fmt:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"expected JSON with format {fmt!r}, got format {got!r}")
-    ver = data.get("version")
-    if not isinstance(ver, int) or ver < 1:
-        raise ValueError(f"{fmt} JSON has an invalid version {ver!r} (expected an integer ≥ 1)")
-    if ver > version:
-        raise ValueError(f"{fmt} JSON has version {ver}, newer than this ompq reads ({version}); "
-                         "upgrade ompq")
-    return data
-
-
-def write_json(text: str, path: Optional[Union[str, os.PathLike]]) -> str:
-    """Write `text` to `path` when given; return the text."""
-    if path is not None:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    return text
 
 
 @dataclass
@@ -123,12 +64,8 @@ class Profile:
         return [layer.name for layer in self.layers]
 
     def gamma(self) -> Tensor:
-        """γ_i = mean over j ≠ i of ORM(i, j) (float64, length L; 0 for a single layer)."""
-        num = self.orm.shape[0]
-        if num < 2:
-            return torch.zeros(num, dtype=torch.float64)
-        off = self.orm.to(torch.float64).sum(dim=1) - self.orm.diagonal().to(torch.float64)
-        return off / (num - 1)
+        """γ_i = mean over j ≠ i of ORM(i, j) (`ompq.orm.orm_gamma`; float64, length L)."""
+        return orm_gamma(self.orm)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict with "format" and "version"."""
@@ -165,45 +102,14 @@ class Profile:
 
 
 # ----------------------------------------------------------------------------- sampling
-def _draw(count: int, num_samples: int, seed: int) -> Tensor:
-    """The drawn indices, sorted (the samples keep their order in the data)."""
-    return draw_indices(count, num_samples, seed).sort().values
-
-
-def sample_inputs(inputs: Any, num_samples: int, seed: int) -> Tensor:
-    """Draw `num_samples` samples (seeded, without replacement) from a tensor, Dataset or batches.
-
-    A tensor or a map-style Dataset (items `x` or `(x, y)`) is sampled uniformly with a local
-    generator seeded by `seed`. An iterable of batches (tensors or `(x, y)` tuples, e.g. a
-    DataLoader) is read until it yields `num_samples` samples, which are then drawn from those
-    batches. Too few samples raise ValueError.
-    """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-        raise TypeError(f"num_samples must be an int, got {num_samples!r}")
-    if num_samples < MIN_SAMPLES:
+def _profile_inputs(inputs: Any, num_samples: int, seed: int) -> Tensor:
+    """The `num_samples` (≥ `MIN_SAMPLES`) profiled inputs: `ompq.data.sample_inputs` keeping
+    the data order (sorted draw); too few samples raise ValueError."""
+    if isinstance(num_samples, int) and not isinstance(num_samples, bool) \
+            and num_samples < MIN_SAMPLES:
         raise ValueError(f"num_samples must be at least {MIN_SAMPLES} (centred Grams and the "
                          f"debiased HSIC need N ≥ 4), got {num_samples}")
-    if isinstance(inputs, Tensor):
-        if inputs.dim() == 0 or inputs.shape[0] < num_samples:
-            have = inputs.shape[0] if inputs.dim() else 0
-            raise ValueError(f"inputs hold {have} samples along dim 0, fewer than "
-                             f"num_samples = {num_samples}")
-        return inputs[_draw(inputs.shape[0], num_samples, seed).to(inputs.device)]
-    if hasattr(inputs, "__getitem__") and hasattr(inputs, "__len__") \
-            and not isinstance(inputs, (list, tuple, dict, str)):
-        count = len(inputs)
-        if count < num_samples:
-            raise ValueError(f"the dataset has {count} samples, fewer than "
-                             f"num_samples = {num_samples}")
-        return stack_items(inputs, _draw(count, num_samples, seed))
-    if isinstance(inputs, Iterable) and not isinstance(inputs, (str, dict)):
-        pool, have = read_batches(inputs, num_samples)
-        if have < num_samples:
-            raise ValueError(f"the batches hold {have} samples, fewer than "
-                             f"num_samples = {num_samples}")
-        return pool[_draw(pool.shape[0], num_samples, seed).to(pool.device)]
-    raise TypeError("inputs must be a tensor (N×...), a Dataset (items x or (x, y)) or an "
-                    f"iterable of batches, got {type(inputs).__name__}")
+    return sample_inputs(inputs, num_samples, seed, keep_order=True, strict=True)
 
 
 # ----------------------------------------------------------------------------- recording
@@ -329,18 +235,18 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _register(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], rec: _Recorder,
-              feature: str) -> list[Any]:
-    handles = []
+              feature: str) -> Hooks:
+    hooks = Hooks()
     layer_ids = {id(m) for _, m in layers}
     if feature == "auto":
         for _, m in model.named_modules():
             if next(m.children(), None) is None or id(m) in layer_ids:
-                handles.append(m.register_forward_pre_hook(rec.pre_hook))
+                hooks.pre(m, rec.pre_hook)
                 if isinstance(m, FOLLOW_TYPES):
-                    handles.append(m.register_forward_hook(rec.follow_hook))
+                    hooks.post(m, rec.follow_hook)
     for name, m in layers:
-        handles.append(m.register_forward_hook(rec.layer_hook(name)))
-    return handles
+        hooks.post(m, rec.layer_hook(name))
+    return hooks
 
 
 def _make_pbar(total: int, progress: bool) -> Any:
@@ -380,18 +286,16 @@ def _record(model: nn.Module, layers: list, x: Tensor, num_samples: int, feature
     meters = _meters(model, layers, x, bits, samples)
     pbar = _make_pbar(len(layers), progress)
     rec = _Recorder([n for n, _ in layers], num_samples, feature, pbar, meters)
-    handles = _register(model, layers, rec, feature)
     try:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            call_model(model, x)
-            rec.flush()
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        return rec, time.perf_counter() - t0
+        with _register(model, layers, rec, feature):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                call_model(model, x)
+                rec.flush()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            return rec, time.perf_counter() - t0
     finally:
-        for h in handles:
-            h.remove()
         if pbar is not None:
             pbar.close()
 
@@ -431,7 +335,7 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
         raise ValueError(f"distortion_samples must be a positive int, got {distortion_samples!r}")
     dist_samples = min(distortion_samples, num_samples)
     layers = find_layers(model, include=include, exclude=exclude, types=types)
-    x = sample_inputs(inputs, num_samples, seed)
+    x = _profile_inputs(inputs, num_samples, seed)
     home = _model_device(model)
     target = torch.device(device) if device is not None else home
     was_training = model.training

@@ -1,25 +1,8 @@
-"""Alternative sensitivity proxies that feed the same ILP as OMPQ's orthogonality.
+"""Baselines that need the model, feeding the same solver as the objectives.
 
-`proxy_values(proxy, profile, candidates, ...)` returns, for every layer and candidate width b,
-the value the ILP maximises (`Σ_i values[i][b_i]` under the budgets):
-
-- "hawq": HAWQ-V2. Hutchinson's estimator of each layer's weight-Hessian trace of the
-  cross-entropy loss on a calibration batch (Rademacher vectors, Hessian-vector products by double
-  backprop; stops after `max_iters` vectors or when the running mean of the total trace changes
-  by less than `tol` relative, as PyHessian), divided by the layer's weight count (the average
-  trace of HAWQ-V2); then `values[i][b] = −avg_trace_i · ‖Q_b(W_i) − W_i‖²` with the PTQ weight
-  quantizer (asymmetric per-channel, MSE-initialised scale). `importance[i] = avg_trace_i`.
-- "uniform": every layer the same width. `values[i][b] = b · params_i / Σ params` and
-  `tie = [all layers]`: with the tie the ILP maximises the common width b subject to the budget,
-  i.e. picks the highest uniform width that fits. `allocate` must add `ProxyResult.tie` to its
-  tied groups (or the caller passes `tie=[names]`); without the tie the same values maximise the
-  model size under the budget.
-
-The objectives computed from the profile alone ("orm", "error", "random", "orm-linear") live in
-`ompq.objectives`.
-
-Each result reports its own search time in seconds (`ProxyResult.seconds`), not counting the
-ILP.
+"hawq" (HAWQ-V2: Hessian trace × weight error) and "uniform" (one tied width), as a
+`ProxyResult` (values maximised, seconds); a `ProxyResult` can also carry any method's values.
+Details: docs/DESIGN.md, "Proxies".
 """
 from __future__ import annotations
 
@@ -31,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import draw_indices
 from .objectives import OBJECTIVES
 from .quantizers import WeightQuantizer
+from .trace import evaluating
 
 PROXIES = ("hawq", "uniform")
 
@@ -69,16 +54,14 @@ def _candidates(names: Sequence[str], candidates: Union[Sequence[int], Mapping[s
 def _labelled_batch(data: Any, model: nn.Module, num_samples: int, seed: int
                     ) -> tuple[Tensor, Tensor]:
     """(x, y) with `num_samples` samples drawn with `seed`; labels = model predictions if absent."""
-    g = torch.Generator().manual_seed(seed)
     x = y = None
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        idx = torch.randperm(data[0].size(0), generator=g)[:num_samples]
+        idx = draw_indices(data[0].size(0), num_samples, seed)
         x, y = data[0][idx], data[1][idx]
     elif torch.is_tensor(data):
-        idx = torch.randperm(data.size(0), generator=g)[:num_samples]
-        x = data[idx]
+        x = data[draw_indices(data.size(0), num_samples, seed)]
     elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
-        idx = torch.randperm(len(data), generator=g)[:num_samples].tolist()
+        idx = draw_indices(len(data), num_samples, seed).tolist()
         items = [data[i] for i in idx]
         if isinstance(items[0], (tuple, list)):
             x = torch.stack([it[0] for it in items])
@@ -107,34 +90,37 @@ def hessian_traces(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor,
     saved = [w.requires_grad for w in weights]
     for w in weights:
         w.requires_grad_(True)
-    was_training = model.training
-    model.eval()
     try:
-        loss = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(loss, weights, create_graph=True)
-        g = torch.Generator().manual_seed(seed)
-        sums = torch.zeros(len(weights), dtype=torch.float64)
-        prev = None
-        it_range = range(max_iters)
-        if progress:
-            from tqdm import tqdm
-            it_range = tqdm(it_range, desc="Hutchinson", leave=False)
-        n = 0
-        for n in it_range:
-            vs = [(torch.randint(0, 2, w.shape, generator=g) * 2 - 1).to(w) for w in weights]
-            hvs = torch.autograd.grad(grads, weights, vs, retain_graph=True)
-            sums += torch.tensor([float((hv * v).sum()) for hv, v in zip(hvs, vs)],
-                                 dtype=torch.float64)
-            total = float(sums.sum()) / (n + 1)
-            if prev is not None and tol > 0 and abs(total - prev) / (abs(prev) + 1e-6) < tol:
-                break
-            prev = total
-        used = n + 1
+        with evaluating(model):
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), weights, create_graph=True)
+            sums, used = _hutchinson(weights, grads, max_iters, tol, seed, progress)
     finally:
         for w, s in zip(weights, saved):
             w.requires_grad_(s)
-        model.train(was_training)
     return {nm: float(s) / used for nm, s in zip(names, sums)}, used
+
+
+def _hutchinson(weights: list[Tensor], grads: Sequence[Tensor], max_iters: int, tol: float,
+                seed: int, progress: bool) -> tuple[Tensor, int]:
+    """Σ over Rademacher vectors v of vᵀHv per weight (float64), and the number of vectors."""
+    g = torch.Generator().manual_seed(seed)
+    sums = torch.zeros(len(weights), dtype=torch.float64)
+    prev = None
+    it_range = range(max_iters)
+    if progress:
+        from tqdm import tqdm
+        it_range = tqdm(it_range, desc="Hutchinson", leave=False)
+    n = 0
+    for n in it_range:
+        vs = [(torch.randint(0, 2, w.shape, generator=g) * 2 - 1).to(w) for w in weights]
+        hvs = torch.autograd.grad(grads, weights, vs, retain_graph=True)
+        sums += torch.tensor([float((hv * v).sum()) for hv, v in zip(hvs, vs)],
+                             dtype=torch.float64)
+        total = float(sums.sum()) / (n + 1)
+        if prev is not None and tol > 0 and abs(total - prev) / (abs(prev) + 1e-6) < tol:
+            break
+        prev = total
+    return sums, n + 1
 
 
 @torch.no_grad()

@@ -1,44 +1,85 @@
-"""Post-training quantization: BN folding, scale init, BRECQ-style block reconstruction with
-AdaRound, then LSQ learning of the activation step sizes (SPEC §5).
+"""Post-training quantization (SPEC §5): BN folding, scale init, BRECQ-style block
+reconstruction with AdaRound, then LSQ learning of the activation step sizes.
 
-Blocks are found from the module tree of any model (`find_blocks`): each child module that
-contains at least one quantizable layer is a block, except plain containers (`nn.Sequential`,
-`nn.ModuleList`, `nn.ModuleDict`) which are walked into, and children that the forward does not
-call exactly once with one tensor (walked into as well). So a ResNet gives its stem conv, each
-residual block and the classifier; a MobileNetV2 each inverted residual.
-
-For each block, in execution order, the quantized model's block input (the output of the already
-quantized earlier blocks) is cached for the calibration set and the block learns its AdaRound
-rounding variables to reproduce the full-precision model's block output: Adam (lr 1e-3), loss
-``mean_n Σ |ŷ − y|^p`` (p = 2.4) plus ``reg_weight · Σ (1 − |2h(V) − 1|^β)`` with reg_weight 0.01,
-β annealed linearly 20 → 2 after a 20 % warm-up without the rounding loss. The learned (hard)
-rounding is then written into the weights. Second stage: the activation quantizers are calibrated
-(EMA) on the quantized model and their step sizes learned block by block (LSQ, Adam lr 4e-4,
-same Lp loss with p = 2.4).
-
-The paper uses 20 000 / 5 000 iterations per block; the defaults here are scaled to the hardware:
-``iters`` = 20 000 on a GPU and 500 on CPU, ``act_iters`` = 5 000 on a GPU and 100 on CPU.
+`ptq(model, bit_config, data, PTQConfig(...))` returns a `PTQResult` (the quantized copy and its
+statistics). Blocks come from the module tree of any model (`find_blocks`). The loss, schedule
+and the CPU/GPU iteration defaults are described in docs/DESIGN.md ("PTQ").
 """
 from __future__ import annotations
 
 import copy
 import time
-import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from .data import draw_indices, read_batches, stack_items
-from .quantizers import (ActQuantizer, QUANT_LAYER_TYPES, QUANTIZABLE_TYPES, WeightQuantizer,
-                         calibrate_activations, fold_bn, quantize_, set_act_quant)
+from ._jsonio import fields_to_json
+from .batchnorm import fold_bn
+from .data import sample_inputs
+from .layers import QUANTIZABLE_TYPES, Patterns
+from .quantize import (QuantScheme, calibrate_activations, float_weight, quantize_,
+                       set_act_quant, weight_quantizer, with_options)
+from .quantizers import ActQuantizer, WeightQuantizer
+from .trace import Hooks
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-class _Stop(Exception):
-    """Raised inside a hook to end a forward early."""
+@dataclass(frozen=True)
+class PTQConfig:
+    """Settings of `ptq`.
+
+    `num_samples`: calibration samples (1 024 as BRECQ); `iters`: AdaRound iterations per block
+    (None: 20 000 on a GPU, 500 on CPU; 0 or `adaround=False`: round to nearest); `act_iters`:
+    LSQ iterations per block for the activation step sizes (None: 5 000 GPU, 100 CPU; 0 keeps
+    the EMA ranges); `batch_size`: reconstruction mini-batch; `seed`: calibration draw and
+    mini-batches; `lr`/`act_lr`, `reg_weight`, `warmup` (fraction), `beta_range`, `p`: the
+    AdaRound/LSQ optimisation; `scheme`, `act_bits`, `skip`: as `quantize_`.
+    """
+
+    num_samples: int = 1024
+    iters: Optional[int] = None
+    act_iters: Optional[int] = None
+    batch_size: int = 32
+    seed: int = 0
+    progress: bool = True
+    lr: float = 1e-3
+    act_lr: float = 4e-4
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    beta_range: tuple[float, float] = (20.0, 2.0)
+    p: float = 2.4
+    adaround: bool = True
+    act_bits: Union[int, dict, None] = None
+    skip: Patterns = None
+    device: Union[str, torch.device, None] = None
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+
+
+@dataclass
+class PTQResult:
+    """What `ptq` returns: the quantized `model` (eval mode) and its statistics.
+
+    `blocks`: reconstruction blocks in execution order; `block_losses`: per block, the last
+    reconstruction and rounding losses; `iters`/`act_iters`: iterations per block used;
+    `seconds_*`: wall time (s) of the weight stage, the activation stage and the whole call.
+    """
+
+    model: nn.Module
+    blocks: list[str]
+    block_losses: dict[str, dict[str, float]]
+    iters: int
+    act_iters: int
+    seconds_weights: float
+    seconds_acts: float
+    seconds: float
+
+    def stats(self) -> dict[str, Any]:
+        """The statistics as a JSON-serialisable dict (everything but the model)."""
+        return fields_to_json(self, exclude=("model",))
 
 
 def _progress(it: Iterable, progress: bool, desc: str, total: Optional[int] = None):
@@ -48,55 +89,8 @@ def _progress(it: Iterable, progress: bool, desc: str, total: Optional[int] = No
     return tqdm(it, desc=desc, total=total, leave=False)
 
 
-def sample_inputs(data: Any, num_samples: int, seed: int = 0) -> Tensor:
-    """Draw `num_samples` inputs (a tensor, N × …) from `data` with a local generator.
-
-    `data`: a tensor of inputs, a tuple/list `(inputs, labels)` of tensors, a map-style Dataset
-    (items `x` or `(x, y, …)`), or an iterable of batches (tensors or `(x, y)`; the first
-    `num_samples` are taken in order). Data with no sample raises ValueError; fewer than
-    `num_samples` samples warn and are all used.
-    """
-    return _draw_calibration(data, num_samples, seed)
-
-
-_VALID_CALIBRATION = ("give at least 1 sample: a tensor N × … (N ≥ 1), an (inputs, labels) "
-                      "pair, a non-empty Dataset or an iterable of non-empty batches")
-
-
-def _draw_calibration(data: Any, num_samples: int, seed: int) -> Tensor:
-    """`sample_inputs`; called directly by `ptq` so that both warn at the user's line."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
-        data = data[0]
-    if isinstance(data, Tensor):
-        if data.dim() == 0 or data.size(0) == 0:
-            raise ValueError(f"calibration data is empty (a tensor of shape "
-                             f"{tuple(data.shape)}); {_VALID_CALIBRATION}")
-        _warn_short(data.size(0), num_samples)
-        return data[draw_indices(data.size(0), num_samples, seed)]
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and \
-            not isinstance(data, torch.utils.data.DataLoader):
-        n = len(data)
-        if n == 0:
-            raise ValueError(f"calibration data is empty (a Dataset of length 0); "
-                             f"{_VALID_CALIBRATION}")
-        _warn_short(n, num_samples)
-        return stack_items(data, draw_indices(n, num_samples, seed))
-    pool, got = read_batches(data, num_samples)
-    if pool is None or got == 0:
-        what = "no batches" if pool is None else "batches of 0 samples"
-        raise ValueError(f"calibration data is empty (it yielded {what}); {_VALID_CALIBRATION}")
-    _warn_short(got, num_samples)
-    return pool[:num_samples]
-
-
-def _warn_short(available: int, num_samples: int) -> None:
-    """Say so when the calibration data holds fewer samples than asked for (all are used);
-    the warning points at the line that called `sample_inputs` or `ptq`."""
-    if available < num_samples:
-        warnings.warn(f"calibration data holds {available} samples, fewer than num_samples = "
-                      f"{num_samples}; calibrating on all {available}", UserWarning, stacklevel=4)
+class _Stop(Exception):
+    """Raised inside a hook to end a forward early."""
 
 
 def _has_quant_layer(m: nn.Module) -> bool:
@@ -170,38 +164,40 @@ def _trace(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple
                 info[n][1] = False
         return fn
 
-    handles = []
-    for n in names:
-        sub = model.get_submodule(n)
-        handles += [sub.register_forward_pre_hook(pre_hook(n)), sub.register_forward_hook(hook(n))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks() as hooks, torch.no_grad():
+        for n in names:
+            sub = model.get_submodule(n)
+            hooks.pre(sub, pre_hook(n))
+            hooks.post(sub, hook(n))
+        model(x)
     return {n: (c, ok, first) for n, (c, ok, first) in info.items()}
 
 
 @torch.no_grad()
 def _capture(model: nn.Module, block: nn.Module, x: Tensor, batch_size: int, *, want: str
              ) -> Tensor:
-    """Block input (`want="input"`) or output over all of x, stopping each forward early."""
+    """Block input (`want="input"`, before the block's own input quantizer) or output over all
+    of x, stopping each forward early."""
     chunks: list[Tensor] = []
 
-    def hook(mod, inp, out):
-        chunks.append((inp[0] if want == "input" else out).detach())
+    def grab_input(mod, inp):
+        chunks.append(inp[0].detach())
         raise _Stop
 
-    h = block.register_forward_hook(hook)
-    try:
+    def grab_output(mod, inp, out):
+        chunks.append(out.detach())
+        raise _Stop
+
+    with Hooks() as hooks:
+        if want == "input":
+            hooks.pre(block, grab_input, first=True)
+        else:
+            hooks.post(block, grab_output)
         for i in range(0, x.size(0), batch_size):
             try:
                 model(x[i:i + batch_size])
             except _Stop:
                 pass
-    finally:
-        h.remove()
     return torch.cat(chunks)
 
 
@@ -210,8 +206,10 @@ def lp_loss(pred: Tensor, target: Tensor, p: float = 2.4) -> Tensor:
     return (pred - target).abs().pow(p).reshape(pred.size(0), -1).sum(1).mean()
 
 
-def _weight_quantizers(block: nn.Module) -> list[tuple[nn.Module, WeightQuantizer]]:
-    return [(m, m.weight_quantizer) for m in block.modules() if isinstance(m, QUANT_LAYER_TYPES)]
+def _weight_quantizers(block: nn.Module) -> list[tuple[nn.Parameter, WeightQuantizer]]:
+    """(float weight, its quantizer) of every quantized layer in `block`."""
+    return [(float_weight(m), weight_quantizer(m)) for m in block.modules()
+            if weight_quantizer(m) is not None]
 
 
 def _reconstruct_weights(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: int,
@@ -219,7 +217,7 @@ def _reconstruct_weights(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: i
                          beta_range: tuple[float, float], p: float, gen: torch.Generator,
                          progress: bool, desc: str) -> dict[str, float]:
     layers = _weight_quantizers(block)
-    alphas = [wq.init_adaround(m.weight) for m, wq in layers]
+    alphas = [wq.init_adaround(w) for w, wq in layers]
     opt = torch.optim.Adam(alphas, lr=lr)
     warm = int(warmup * iters)
     b0, b1 = beta_range
@@ -237,8 +235,8 @@ def _reconstruct_weights(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for m, wq in layers:
-        wq.bake_adaround(m.weight)
+    for w, wq in layers:
+        wq.bake_adaround(w)
     return {"rec_loss": float(rec.detach()), "round_loss": float(reg.detach())}
 
 
@@ -265,83 +263,68 @@ def _learn_act_scales(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: int,
         aq.set_mode("fixed")
 
 
-def ptq(model: nn.Module, bit_config: Any, calib_data: Any, *, num_samples: int = 1024,
-        iters: Optional[int] = None, act_iters: Optional[int] = None, batch_size: int = 32,
-        weight_init: str = "mse", seed: int = 0, progress: bool = True, lr: float = 1e-3,
-        act_lr: float = 4e-4, reg_weight: float = 0.01, warmup: float = 0.2,
-        beta_range: tuple[float, float] = (20.0, 2.0), p: float = 2.4,
-        act_bits: Union[int, dict, None] = None, quantize_input: bool = True,
-        skip: Union[str, Sequence[str], None] = None, adaround: bool = True,
-        device: Union[str, torch.device, None] = None, stats: Optional[dict] = None
-        ) -> nn.Module:
-    """Quantize a copy of `model` to `bit_config` with BRECQ-style PTQ; returns it in eval mode.
+def ptq(model: nn.Module, bit_config: Any, calib_data: Any,
+        config: Optional[PTQConfig] = None, **options: Any) -> PTQResult:
+    """Quantize a copy of `model` to `bit_config` with BRECQ-style PTQ.
 
     Args:
         model: the full-precision model (not modified).
-        bit_config: `BitConfig` or dict layer name -> weight bits (see `quantize_`).
-        calib_data: calibration inputs (see `sample_inputs`); labels are not used.
-        num_samples: calibration samples (1 024 as BRECQ).
-        iters: AdaRound iterations per block (default 20 000 on GPU, 500 on CPU); 0 or
-            `adaround=False` gives round-to-nearest weights.
-        act_iters: LSQ iterations per block for the activation step sizes (default 5 000 on GPU,
-            100 on CPU); 0 keeps the EMA-calibrated ranges.
-        batch_size: reconstruction mini-batch (32).
-        weight_init: weight scale init ("mse", "percentile", "minmax").
-        seed: seeds the calibration sample and the mini-batch draws (deterministic).
-        stats: optional dict filled with timings (seconds) and per-block losses.
-    Other arguments: learning rates, rounding-loss weight, warm-up fraction, β schedule, Lp
-    exponent, activation bits, first-input quantization and skipped layers (see `quantize_`).
+        bit_config: anything `quantize_` accepts (a BitConfig, a dict layer -> weight bits).
+        calib_data: calibration inputs (see `ompq.data.sample_inputs`); labels are not used.
+        config: a `PTQConfig`; `**options` override its fields (and its scheme's), e.g.
+            `ptq(model, cfg, data, iters=0)`.
+
+    Returns:
+        A `PTQResult`: `.model` in eval mode, with every parameter frozen, and the statistics.
     """
+    cfg = with_options(config if config is not None else PTQConfig(), options)
     t0 = time.perf_counter()
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
     on_gpu = dev.type == "cuda"
-    iters = (20000 if on_gpu else 500) if iters is None else int(iters)
-    act_iters = (5000 if on_gpu else 100) if act_iters is None else int(act_iters)
-    if not adaround:
+    iters = (20000 if on_gpu else 500) if cfg.iters is None else int(cfg.iters)
+    act_iters = (5000 if on_gpu else 100) if cfg.act_iters is None else int(cfg.act_iters)
+    if not cfg.adaround:
         iters = 0
-    x = _draw_calibration(calib_data, num_samples, seed).to(dev)
+    x = sample_inputs(calib_data, cfg.num_samples, cfg.seed).to(dev)
     fp = copy.deepcopy(model).to(dev).eval()
     fold_bn(fp, x[:min(8, x.size(0))])
     for prm in fp.parameters():
         prm.requires_grad_(False)
     q = copy.deepcopy(fp)
-    quantize_(q, bit_config, act_bits=act_bits, quantize_input=quantize_input,
-              weight_init=weight_init, skip=skip)
+    quantize_(q, bit_config, cfg.scheme, act_bits=cfg.act_bits, skip=cfg.skip)
     set_act_quant(q, False)
     blocks = find_blocks(q, x[:min(8, x.size(0))])
-    cap_bs = max(batch_size, 128)
-    info: dict[str, Any] = {"blocks": blocks, "block_losses": {}}
+    cap_bs = max(cfg.batch_size, 128)
+    losses: dict[str, dict[str, float]] = {}
     if iters > 0:
-        for bi, name in enumerate(_progress(blocks, progress, "PTQ blocks (AdaRound)")):
+        for bi, name in enumerate(_progress(blocks, cfg.progress, "PTQ blocks (AdaRound)")):
             qb = q.get_submodule(name) if name else q
             if not _weight_quantizers(qb):
                 continue
             tgt = _capture(fp, fp.get_submodule(name) if name else fp, x, cap_bs, want="output")
             inp = _capture(q, qb, x, cap_bs, want="input")
-            g = torch.Generator().manual_seed(seed * 1000003 + bi)
-            info["block_losses"][name] = _reconstruct_weights(
-                qb, inp, tgt, iters=iters, batch_size=batch_size, lr=lr, reg_weight=reg_weight,
-                warmup=warmup, beta_range=beta_range, p=p, gen=g, progress=False,
-                desc=f"block {name}")
+            g = torch.Generator().manual_seed(cfg.seed * 1000003 + bi)
+            losses[name] = _reconstruct_weights(
+                qb, inp, tgt, iters=iters, batch_size=cfg.batch_size, lr=cfg.lr,
+                reg_weight=cfg.reg_weight, warmup=cfg.warmup, beta_range=cfg.beta_range,
+                p=cfg.p, gen=g, progress=False, desc=f"block {name}")
     t1 = time.perf_counter()
     calibrate_activations(q, [x[i:i + cap_bs] for i in range(0, x.size(0), cap_bs)])
     if act_iters > 0:
-        for bi, name in enumerate(_progress(blocks, progress, "PTQ blocks (LSQ act)")):
+        for bi, name in enumerate(_progress(blocks, cfg.progress, "PTQ blocks (LSQ act)")):
             qb = q.get_submodule(name) if name else q
             tgt = _capture(fp, fp.get_submodule(name) if name else fp, x, cap_bs, want="output")
             inp = _capture(q, qb, x, cap_bs, want="input")
-            g = torch.Generator().manual_seed(seed * 1000003 + 7919 + bi)
-            _learn_act_scales(qb, inp, tgt, iters=act_iters, batch_size=batch_size, lr=act_lr,
-                              p=p, gen=g, progress=False, desc=f"act {name}")
+            g = torch.Generator().manual_seed(cfg.seed * 1000003 + 7919 + bi)
+            _learn_act_scales(qb, inp, tgt, iters=act_iters, batch_size=cfg.batch_size,
+                              lr=cfg.act_lr, p=cfg.p, gen=g, progress=False, desc=f"act {name}")
     for prm in q.parameters():
         prm.requires_grad_(False)
     q.eval()
-    if stats is not None:
-        t2 = time.perf_counter()
-        stats.update(info)
-        stats.update({"iters": iters, "act_iters": act_iters, "seconds_weights": t1 - t0,
-                      "seconds_acts": t2 - t1, "seconds": t2 - t0})
-    return q
+    t2 = time.perf_counter()
+    return PTQResult(model=q, blocks=blocks, block_losses=losses, iters=iters,
+                     act_iters=act_iters, seconds_weights=t1 - t0, seconds_acts=t2 - t1,
+                     seconds=t2 - t0)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -1,18 +1,8 @@
-"""Quantization-aware training (SPEC §5): BN folded and frozen, LSQ or STE fine-tuning, SGD with
-momentum 0.9 and cosine decay, one process or many under `torchrun`, exact resume.
+"""Quantization-aware training (SPEC §5): `qat(model, bit_config, data, QATConfig(...))`.
 
-Distributed: when the `torch.distributed` environment variables are set (`RANK`, `WORLD_SIZE`,
-`MASTER_ADDR`, … as `torchrun` sets them) and `WORLD_SIZE > 1`, `qat` joins (or creates) the
-process group — backend "nccl" on GPUs, "gloo" on CPU — wraps the model in
-DistributedDataParallel and shards the data with a DistributedSampler; `batch_size` is the
-global batch (each process takes `batch_size // world_size`). Rank 0 alone logs, shows progress
-and writes checkpoints.
-
-Checkpoints: with `checkpoint_dir`, after every epoch rank 0 writes `qat_last.pt` (model,
-optimizer, scheduler, global RNG states, finished epoch, sampler epoch, bits) atomically (a
-temporary file then `os.replace`). With `resume=True` a later call continues after the last
-finished epoch; the data order of an epoch depends only on (seed, epoch), so an interrupted and
-resumed run ends with exactly the weights of an uninterrupted one.
+BN folded and frozen, LSQ or STE fine-tuning, SGD with momentum and cosine decay, one process or
+many under `torchrun` (rank 0 logs and checkpoints), exact resume from `qat_last.pt` written
+atomically after every epoch. Details: docs/DESIGN.md ("QAT").
 """
 from __future__ import annotations
 
@@ -21,6 +11,7 @@ import functools
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -31,12 +22,72 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from .ptq import sample_inputs
-from .quantizers import (WeightQuantizer, act_quantizers, calibrate_activations, fold_bn,
-                         quant_layers, quantize_)
+from ._jsonio import fields_to_json
+from .batchnorm import fold_bn
+from .checkpoint import save_atomic
+from .data import sample_inputs
+from .quantize import (QuantScheme, act_quantizers, calibrate_activations, quant_layers,
+                       quantize_, weight_quantizer, with_options)
+from .quantizers import ActQuantizer, WeightQuantizer
 
 CHECKPOINT_NAME = "qat_last.pt"
 METHODS = ("lsq", "ste")
+CHECKPOINT_VERSION = 2  # 2: quantizers attached by parametrization (state_dict keys changed)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Settings of `qat`.
+
+    `epochs`; `lr`: initial learning rate (cosine decay to 0 over all steps); `batch_size`: the
+    global batch; `method`: "lsq" or "ste" (`prepare_qat_model`); `momentum`, `weight_decay`:
+    SGD (no decay on biases and scales); `checkpoint_dir`: `qat_last.pt` after every epoch
+    (rank 0, atomic); `resume`: continue from it; `seed`: calibration sample, data order
+    (seed + epoch) and training RNG; `calib_samples`: activation-range calibration samples;
+    `max_steps`: stop after this many optimizer steps from epoch 0 (an interruption: the
+    partial epoch is not checkpointed); `act_bits`, `quantize_input`, `skip`: as `quantize_`.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 128
+    method: str = "lsq"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    checkpoint_dir: Union[str, os.PathLike, None] = None
+    resume: bool = True
+    seed: int = 0
+    act_bits: Union[int, dict, None] = None
+    quantize_input: bool = True
+    skip: Union[str, Sequence[str], None] = None
+    calib_samples: int = 512
+    max_steps: Optional[int] = None
+    device: Union[str, torch.device, None] = None
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass
+class QATResult:
+    """What `qat` returns: the trained `model` (eval mode) and its statistics.
+
+    `start_epoch`: first epoch run (> 0 after a resume); `steps`: optimizer steps counted from
+    epoch 0; `interrupted`: stopped by `max_steps`; `seconds`: wall time (s); `last_loss`: the
+    last step's cross-entropy; `rank`/`world_size`: this process in a distributed run.
+    """
+
+    model: nn.Module
+    start_epoch: int
+    steps: int
+    interrupted: bool
+    seconds: float
+    last_loss: float
+    rank: int
+    world_size: int
+
+    def stats(self) -> dict[str, Any]:
+        """The statistics as a JSON-serialisable dict (everything but the model)."""
+        return fields_to_json(self, exclude=("model",))
 
 
 def _dist_env() -> bool:
@@ -79,25 +130,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _bits_of(model: nn.Module) -> dict[str, int]:
-    return {n: m.weight_quantizer.bits for n, m in quant_layers(model)}
+    return {n: weight_quantizer(m).bits for n, m in quant_layers(model)}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
-    for name, prm in model.named_parameters():
+    scales = {id(q.scale) for q in _quantizers(model)}
+    for prm in model.parameters():
         if not prm.requires_grad:
             continue
-        is_scale = name.endswith("quantizer.scale") or prm.dim() <= 1
+        is_scale = id(prm) in scales or prm.dim() <= 1
         (no_decay if is_scale else decay).append(prm)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
@@ -117,10 +160,10 @@ def prepare_qat_model(model: nn.Module, bit_config: Any, calib: torch.Tensor, *,
     if method not in METHODS:
         raise ValueError(f"qat method {method!r} unknown; valid: {', '.join(METHODS)}")
     fold_bn(model, calib[:min(8, calib.size(0))])
-    mode = "lsq" if method == "lsq" else "nearest"
-    quantize_(model, bit_config, act_bits=act_bits, quantize_input=quantize_input,
-              weight_init="minmax", weight_symmetric=True, weight_mode=mode,
-              act_mode="fixed", skip=skip)
+    scheme = QuantScheme(weight_init="minmax", weight_symmetric=True,
+                         weight_mode="lsq" if method == "lsq" else "nearest", act_mode="fixed",
+                         quantize_input=quantize_input)
+    quantize_(model, bit_config, scheme, act_bits=act_bits, skip=skip)
     if method == "ste":
         for m in model.modules():
             if isinstance(m, WeightQuantizer):
@@ -150,32 +193,27 @@ def _keeps_caller_rng(fn):
 
 
 @_keeps_caller_rng
-def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
-        lr: float = 1e-4, batch_size: int = 128, method: str = "lsq", momentum: float = 0.9,
-        weight_decay: float = 1e-4, checkpoint_dir: Union[str, os.PathLike, None] = None,
-        resume: bool = True, seed: int = 0, act_bits: Union[int, dict, None] = None,
-        quantize_input: bool = True, skip: Union[str, Sequence[str], None] = None,
-        calib_samples: int = 512, max_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None, num_workers: int = 0,
-        progress: bool = True, stats: Optional[dict] = None) -> nn.Module:
-    """Quantization-aware training of a copy of `model` at `bit_config`; returns it (eval mode).
+def qat(model: nn.Module, bit_config: Any, train_data: Any, config: Optional[QATConfig] = None,
+        **options: Any) -> QATResult:
+    """Quantization-aware training of a copy of `model` at `bit_config`.
 
     Args:
         model: full-precision model (not modified).
-        bit_config: `BitConfig` or dict layer -> weight bits.
+        bit_config: anything `quantize_` accepts (a BitConfig, a dict layer -> weight bits).
         train_data: Dataset of `(x, y)` or an `(inputs, labels)` pair of tensors.
-        epochs: training epochs; lr: initial learning rate (cosine decay to 0 over all steps);
-        batch_size: global batch; method: "lsq" or "ste" (see `prepare_qat_model`).
-        momentum, weight_decay: SGD settings (weight decay not applied to biases and scales).
-        checkpoint_dir: where `qat_last.pt` is written after every epoch (rank 0, atomic).
-        resume: continue from `checkpoint_dir/qat_last.pt` when it exists.
-        seed: seeds the calibration sample, data order (seed + epoch) and the RNG of the
-            training (the caller's global RNG states are restored on return).
-        calib_samples: samples for the activation range calibration (EMA).
-        max_steps: stop after this many optimizer steps counted from epoch 0 (simulates an
-            interruption; the partial epoch is not checkpointed).
-        stats: optional dict filled with "start_epoch", "steps", "seconds", "last_loss".
+        config: a `QATConfig`; `**options` override its fields, e.g. `qat(m, cfg, d, epochs=3)`.
+
+    Returns:
+        A `QATResult`: `.model` in eval mode and the statistics. The caller's global RNG states
+        are restored on return.
     """
+    cfg = with_options(config if config is not None else QATConfig(), options)
+    return _train(model, bit_config, train_data, cfg)
+
+
+def _train(model: nn.Module, bit_config: Any, train_data: Any, cfg: QATConfig) -> QATResult:
+    epochs, lr, batch_size, method, seed = cfg.epochs, cfg.lr, cfg.batch_size, cfg.method, cfg.seed
+    device, progress, max_steps = cfg.device, cfg.progress, cfg.max_steps
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     rank, world, created = _setup_distributed()
@@ -187,20 +225,23 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
     dataset = _as_dataset(train_data)
-    calib = sample_inputs(dataset, min(calib_samples, len(dataset)), seed).to(device)
+    calib = sample_inputs(dataset, min(cfg.calib_samples, len(dataset)), seed).to(device)
     net = prepare_qat_model(copy.deepcopy(model).to(device), bit_config, calib, method=method,
-                            act_bits=act_bits, quantize_input=quantize_input, skip=skip)
+                            act_bits=cfg.act_bits, quantize_input=cfg.quantize_input,
+                            skip=cfg.skip)
     net.train()
     torch.manual_seed(seed)
     local_bs = max(1, batch_size // world)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler,
+                        num_workers=cfg.num_workers)
     steps_per_epoch = len(loader)
-    opt = torch.optim.SGD(_param_groups(net, weight_decay), lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     start_epoch = 0
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if resume and ckpt_path is not None and ckpt_path.exists():
+    ckpt_path = (Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
+                 if cfg.checkpoint_dir is not None else None)
+    if cfg.resume and ckpt_path is not None and ckpt_path.exists():
         start_epoch = _load_checkpoint(ckpt_path, net, opt, sched, device)
     ddp = nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
@@ -229,7 +270,7 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
         if interrupted:
             break
         if ckpt_path is not None and rank == 0:
-            save_atomic({"format": "ompq.QATCheckpoint", "version": 1,
+            save_atomic({"format": "ompq.QATCheckpoint", "version": CHECKPOINT_VERSION,
                          "model": net.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "rng": _rng_state(),
                          "epoch": epoch, "sampler_epoch": epoch, "bits": _bits_of(net),
@@ -241,18 +282,20 @@ def qat(model: nn.Module, bit_config: Any, train_data: Any, *, epochs: int = 1,
     if created:
         dist.destroy_process_group()
     net.eval()
-    if stats is not None:
-        stats.update({"start_epoch": start_epoch, "steps": step, "interrupted": interrupted,
-                      "seconds": time.perf_counter() - t0, "last_loss": float(last),
-                      "rank": rank, "world_size": world})
-    return net
+    return QATResult(model=net, start_epoch=start_epoch, steps=step, interrupted=interrupted,
+                     seconds=time.perf_counter() - t0, last_loss=float(last), rank=rank,
+                     world_size=world)
+
+
+def _quantizers(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
 
 
 @torch.no_grad()
 def _clamp_scales(net: nn.Module) -> None:
-    for name, prm in net.named_parameters():
-        if name.endswith("quantizer.scale") and prm.requires_grad:
-            prm.clamp_(min=1e-8)
+    for q in _quantizers(net):
+        if q.scale.requires_grad:
+            q.scale.clamp_(min=1e-8)
 
 
 def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, sched: Any,
@@ -260,6 +303,10 @@ def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, sch
     ckpt = torch.load(path, map_location=device, weights_only=False)
     if ckpt.get("format") != "ompq.QATCheckpoint":
         raise ValueError(f"{path}: not an ompq QAT checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: QAT checkpoint version {ckpt.get('version')} was written by "
+                         f"another ompq (this one reads {CHECKPOINT_VERSION}); use another "
+                         "checkpoint_dir or resume=False")
     if ckpt["bits"] != _bits_of(net):
         raise ValueError(f"{path}: checkpoint bits {ckpt['bits']} differ from the bit_config "
                          f"{_bits_of(net)}; use another checkpoint_dir or resume=False")

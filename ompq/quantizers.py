@@ -1,49 +1,36 @@
-"""Quantized modules and `quantize_`: apply a BitConfig to any model.
+"""Fake quantizers: `WeightQuantizer` (per output channel) and `ActQuantizer` (per tensor).
 
-Conventions (see docs/DESIGN.md):
-
-- Weights are quantized per output channel (axis 0 of the weight of Conv1d/2d/3d, grouped and
-  depthwise included, and Linear). Asymmetric (``qmin = 0, qmax = 2**b - 1`` with a per-channel
-  zero point, the PTQ default of SPEC §5) or symmetric (``qmin = -2**(b-1), qmax = 2**(b-1) - 1``,
-  ``scale = max|w| / (2**(b-1) - 1)``, the QAT default).
-- Activations (the *input* of each quantized layer) are quantized per tensor. Their range comes
-  from an EMA observer (momentum 0.99) during calibration; it is then fixed or learned (LSQ).
-  An input observed non-negative (e.g. after ReLU) uses the unsigned grid ``[0, 2**b - 1]`` with
-  zero point 0; otherwise an affine grid with a zero point (or a symmetric signed one).
-- Defaults of `quantize_`: the first layer (first in the BitConfig, i.e. execution order) gets its
-  input quantized at ``first_act_bits = 8`` bits (``quantize_input=False`` leaves the network input
-  in floating point); every other layer's input at its BitConfig activation bits (8 by default);
-  the last layer follows its BitConfig entry like any other. Residual additions, pooling and
-  other non-layer operations stay in fp32: only the inputs of quantizable layers and their weights
-  are quantized. BatchNorm is folded into the preceding conv by `fold_bn` (called by `ptq` and
-  `qat`), not by `quantize_`.
-
-All quantization arithmetic goes through `ompq.ops` (compiled kernels when present).
+Weights: asymmetric grid ``[0, 2**b − 1]`` with a per-channel zero point (the PTQ default) or
+symmetric ``[−2**(b−1), 2**(b−1) − 1]`` (the QAT default); scales from min-max, a percentile or
+an Lp search (`search_scale`). Activations: an EMA range observer (momentum 0.99), then a fixed
+or learned (LSQ) scale; an input observed non-negative uses the unsigned grid with zero point 0.
+All arithmetic goes through `ompq.ops`. How quantizers are attached to a model: `ompq.quantize`.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
-import weakref
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .layers import QUANTIZABLE_TYPES
 
 WEIGHT_INITS = ("minmax", "percentile", "mse")
 WEIGHT_MODES = ("nearest", "adaround", "lsq")
 ACT_MODES = ("fixed", "lsq")
 ADAROUND_ZETA = 1.1
 ADAROUND_GAMMA = -0.1
+#: Bit-widths the quantizers accept (weights and activations): MIN_BITS..MAX_BITS inclusive.
+MIN_BITS = 2
+MAX_BITS = 16
 
 
 def _check_bits(bits: int, what: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int,)) or not 2 <= int(bits) <= 16:
-        raise ValueError(f"{what}: bits must be an integer in [2, 16], got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, (int,)) or \
+            not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise ValueError(f"{what}: bits must be an integer in [{MIN_BITS}, {MAX_BITS}], "
+                         f"got {bits!r}")
     return int(bits)
 
 
@@ -145,7 +132,6 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.alpha: Optional[nn.Parameter] = None
         self.soft = True
-        self._owner: Optional[weakref.ReferenceType] = None
         self.dynamic = False  # nearest mode: recompute a min-max scale from w at every forward
         self.mode = "nearest"
         self.set_mode(mode)
@@ -251,13 +237,8 @@ class WeightQuantizer(nn.Module):
                               self.axis)
 
     @torch.no_grad()
-    def int_weight(self, weight: Optional[Tensor] = None) -> Tensor:
+    def int_weight(self, weight: Tensor) -> Tensor:
         """Integer weight `clamp(round(w/scale) + zp, qmin, qmax)` as int32 (AdaRound: hard)."""
-        if weight is None:
-            owner = self._owner() if self._owner is not None else None
-            if owner is None:
-                raise ValueError("int_weight(): pass the weight (quantizer not attached to a layer)")
-            weight = owner.weight
         s = self._bcast(self.scale.detach(), weight)
         z = self._bcast(self.zero_point, weight)
         if self.mode == "adaround" and self.alpha is not None:
@@ -368,312 +349,3 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, mode={self.mode}"
-
-
-class QuantLayerMixin:
-    """Common part of quantized layers: `weight_quantizer`, `act_quantizer` (None = fp input)."""
-
-    weight_quantizer: WeightQuantizer
-    act_quantizer: Optional[ActQuantizer]
-
-    def quant_weight(self) -> Tensor:
-        return self.weight_quantizer(self.weight)
-
-    def quant_input(self, x: Tensor) -> Tensor:
-        return x if self.act_quantizer is None else self.act_quantizer(x)
-
-    def int_weight(self) -> Tensor:
-        """Integer weight tensor (int32) on the quantizer's grid."""
-        return self.weight_quantizer.int_weight(self.weight)
-
-
-class QuantConv(QuantLayerMixin):
-    """Marker base of QuantConv1d/2d/3d (quantized input and per-channel weight)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
-
-
-class QuantConv1d(QuantConv, nn.Conv1d):
-    pass
-
-
-class QuantConv2d(QuantConv, nn.Conv2d):
-    pass
-
-
-class QuantConv3d(QuantConv, nn.Conv3d):
-    pass
-
-
-class QuantLinear(QuantLayerMixin, nn.Linear):
-    """Linear layer with quantized input and per-output-channel quantized weight."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
-
-
-_QUANT_CLASS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
-                nn.Linear: QuantLinear}
-QUANT_LAYER_TYPES = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
-
-
-def _base_type(m: nn.Module) -> Optional[type]:
-    for t in QUANTIZABLE_TYPES:
-        if type(m) is t:
-            return t
-    return None
-
-
-def to_quant_module(layer: nn.Module, weight_bits: int, act_bits: Optional[int], *,
-                    weight_init: str = "mse", weight_symmetric: bool = False,
-                    act_symmetric: bool = False, weight_mode: str = "nearest",
-                    act_mode: str = "fixed", name: str = "") -> nn.Module:
-    """Quantized copy of a Conv1d/2d/3d or Linear sharing its parameters (no weight copy).
-
-    `act_bits=None` leaves the input in floating point.
-    """
-    base = _base_type(layer)
-    if base is None:
-        raise TypeError(f"layer {name!r}: {type(layer).__name__} is not quantizable; valid: "
-                        f"{', '.join(t.__name__ for t in QUANTIZABLE_TYPES)}")
-    cls = _QUANT_CLASS[base]
-    q = cls.__new__(cls)
-    q.__dict__.update(layer.__dict__)
-    for d in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
-        if d in layer.__dict__:
-            q.__dict__[d] = type(layer.__dict__[d])(layer.__dict__[d])
-    wq = WeightQuantizer(weight_bits, layer.weight.size(0), axis=0, symmetric=weight_symmetric)
-    wq = wq.to(layer.weight.device)
-    wq.init_scale(layer.weight, weight_init)
-    wq.set_mode("nearest" if weight_mode == "adaround" else weight_mode)
-    q.weight_quantizer = wq
-    wq._owner = weakref.ref(q)
-    if act_bits is None:
-        q.act_quantizer = None
-    else:
-        q.act_quantizer = ActQuantizer(act_bits, symmetric=act_symmetric, mode=act_mode).to(
-            layer.weight.device)
-    return q
-
-
-def _as_bit_dicts(bit_config: Any) -> tuple[dict[str, int], dict[str, int]]:
-    if isinstance(bit_config, Mapping):
-        return {k: int(v) for k, v in bit_config.items()}, {}
-    wb = getattr(bit_config, "weight_bits", None)
-    if not isinstance(wb, Mapping):
-        raise TypeError("bit_config must be a BitConfig (with .weight_bits) or a dict "
-                        f"layer name -> bits, got {type(bit_config).__name__}")
-    ab = getattr(bit_config, "act_bits", None) or {}
-    return {k: int(v) for k, v in wb.items()}, {k: int(v) for k, v in ab.items()}
-
-
-def _matches(name: str, patterns: Union[str, Sequence[str], None]) -> bool:
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every not yet quantized Conv1d/2d/3d and Linear, registration order."""
-    return [(n, m) for n, m in model.named_modules() if _base_type(m) is not None and n]
-
-
-def quantize_(model: nn.Module, bit_config: Any, *, act_bits: Union[int, Mapping[str, int],
-              None] = None, quantize_input: bool = True, first_act_bits: int = 8,
-              weight_init: str = "mse", weight_symmetric: bool = False,
-              act_symmetric: bool = False, weight_mode: str = "nearest", act_mode: str = "fixed",
-              skip: Union[str, Sequence[str], None] = None) -> nn.Module:
-    """Replace, in place, every layer named in `bit_config` by its quantized version.
-
-    Args:
-        model: any module; its Conv1d/2d/3d and Linear layers are the quantizable ones.
-        bit_config: a `BitConfig` (uses `.weight_bits` and `.act_bits`) or a dict name -> bits.
-        act_bits: activation bits for every layer (int) or per layer (dict); default: the
-            BitConfig's `act_bits`, else 8.
-        quantize_input: quantize the input of the first layer (the network input) at
-            `first_act_bits` (default 8 bits, as the paper's stem); False keeps it fp32.
-        weight_init: "mse" (default), "percentile" or "minmax" scale initialisation.
-        weight_symmetric / act_symmetric: grids (see module docstring).
-        weight_mode: "nearest" or "lsq" ("adaround" is set up by `ptq`).
-        act_mode: "fixed" or "lsq". Activation quantizers start *observing*: run
-            `calibrate_activations` (or a few forwards then `freeze_activations`) before use.
-        skip: name patterns (fnmatch) of quantizable layers to keep in floating point.
-
-    Raises:
-        ValueError: the BitConfig names layers the model lacks, or the model has quantizable
-            layers that the BitConfig does not cover and `skip` does not exclude (both listed).
-    """
-    wbits, cfg_abits = _as_bit_dicts(bit_config)
-    layers = dict(quantizable_layers(model))
-    quantized = {n for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
-    missing = [n for n in wbits if n not in layers and n not in quantized]
-    if missing:
-        raise ValueError(f"bit_config names {len(missing)} layer(s) the model does not have: "
-                         f"{missing}; quantizable layers of the model: {sorted(layers)}")
-    already = [n for n in wbits if n in quantized]
-    if already:
-        raise ValueError(f"layers already quantized: {already}")
-    uncovered = [n for n in layers if n not in wbits and not _matches(n, skip)]
-    if uncovered:
-        raise ValueError(f"the model has {len(uncovered)} quantizable layer(s) missing from the "
-                         f"bit_config: {uncovered}; allocate bits for them or exclude them with "
-                         f"skip=[...]")
-    order = list(wbits)
-    for i, name in enumerate(order):
-        if _matches(name, skip):
-            continue
-        if i == 0:
-            ab: Optional[int] = first_act_bits if quantize_input else None
-        elif isinstance(act_bits, Mapping):
-            ab = int(act_bits.get(name, cfg_abits.get(name, 8)))
-        elif act_bits is not None:
-            ab = int(act_bits)
-        else:
-            ab = cfg_abits.get(name, 8)
-        q = to_quant_module(layers[name], wbits[name], ab, weight_init=weight_init,
-                            weight_symmetric=weight_symmetric, act_symmetric=act_symmetric,
-                            weight_mode=weight_mode, act_mode=act_mode, name=name)
-        _set_submodule(model, name, q)
-    for aq in act_quantizers(model):
-        aq.observing = True
-    return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the quantized layers of a model."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
-
-
-def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
-    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
-
-
-def set_act_quant(model: nn.Module, enabled: bool) -> None:
-    """Enable or disable (pass-through) every activation quantizer."""
-    for aq in act_quantizers(model):
-        aq.enabled = enabled
-
-
-def freeze_activations(model: nn.Module) -> None:
-    """Turn every observing activation quantizer's EMA range into a fixed scale."""
-    for aq in act_quantizers(model):
-        if aq.observing:
-            aq.freeze()
-
-
-@torch.no_grad()
-def calibrate_activations(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
-    """Observe activation ranges (EMA) over `batches` (tensors of inputs), then freeze them."""
-    was_training = model.training
-    model.eval()
-    for aq in act_quantizers(model):
-        aq.observing = True
-        aq.enabled = True
-        aq.initialized.fill_(False)
-    for x in batches:
-        model(x)
-    freeze_activations(model)
-    model.train(was_training)
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# BatchNorm folding
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-@torch.no_grad()
-def find_conv_bn_pairs(model: nn.Module, example_input: Any) -> list[tuple[str, str]]:
-    """(layer, bn) pairs where a BatchNorm's input is exactly a conv/linear layer's output.
-
-    Found by tracing tensor identity with forward hooks over one forward of `example_input`, so
-    the pairs need not be siblings in the module tree. A layer whose output also feeds something
-    else than the BN (seen as another hooked module input), or a layer/BN used more than once,
-    is not folded.
-    """
-    outputs: dict[int, tuple[str, Tensor]] = {}
-    calls: dict[str, int] = {}
-    consumers: dict[int, list[str]] = {}
-    handles = []
-
-    def out_hook(name):
-        def hook(mod, inp, out):
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(out, Tensor):
-                outputs[id(out)] = (name, out)
-        return hook
-
-    def in_hook(name):
-        def hook(mod, inp):
-            calls[name] = calls.get(name, 0) + (0 if isinstance(mod, QUANTIZABLE_TYPES) else 1)
-            for t in inp:
-                if isinstance(t, Tensor) and id(t) in outputs:
-                    consumers.setdefault(id(t), []).append(name)
-        return hook
-
-    names = {}
-    for n, m in model.named_modules():
-        if not n:
-            continue
-        names[m] = n
-        if isinstance(m, QUANTIZABLE_TYPES):
-            handles.append(m.register_forward_hook(out_hook(n)))
-        if len(list(m.children())) == 0:
-            handles.append(m.register_forward_pre_hook(in_hook(n)))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    pairs = []
-    for key, users in consumers.items():
-        layer, _ = outputs[key]
-        if len(users) != 1:
-            continue
-        bn = users[0]
-        mod = model.get_submodule(bn)
-        if isinstance(mod, _BN_TYPES) and calls.get(layer) == 1 and calls.get(bn) == 1 \
-                and mod.track_running_stats and mod.running_mean is not None:
-            pairs.append((layer, bn))
-    return pairs
-
-
-@torch.no_grad()
-def fold_bn(model: nn.Module, example_input: Any) -> list[tuple[str, str]]:
-    """Fold every BatchNorm directly following a conv/linear into it, in place.
-
-    The BN's running statistics and affine parameters are folded into the layer's weight and
-    bias (a bias is created when missing); the BN is replaced by `nn.Identity`. Returns the
-    folded (layer, bn) pairs. `example_input`: one batch the model accepts.
-    """
-    pairs = find_conv_bn_pairs(model, example_input)
-    for layer_name, bn_name in pairs:
-        layer = model.get_submodule(layer_name)
-        bn = model.get_submodule(bn_name)
-        inv = torch.rsqrt(bn.running_var + bn.eps)
-        gamma = bn.weight if bn.affine else torch.ones_like(inv)
-        beta = bn.bias if bn.affine else torch.zeros_like(inv)
-        factor = gamma * inv
-        w = layer.weight
-        shape = [-1] + [1] * (w.dim() - 1)
-        w.mul_(factor.reshape(shape))
-        b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        new_b = (b - bn.running_mean) * factor + beta
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_b.detach().clone())
-        else:
-            layer.bias.copy_(new_b)
-        _set_submodule(model, bn_name, nn.Identity())
-    return pairs

@@ -1,37 +1,20 @@
-"""Report folders: `report.json`, matplotlib figures and a Markdown summary.
+"""Report folders: `report.json` (versioned), matplotlib figures and a Markdown summary.
 
-A report folder holds
-
-- ``report.json`` — ``{"format": "ompq.Report", "version": 1, "profile": {...},
-  "bit_config": {...}, "results": [...]}``. ``profile`` and ``bit_config`` are the JSON objects
-  written by `Profile.to_json` / `BitConfig.to_json` (either may be ``null``); ``results`` is a
-  list of records, one per evaluated model, with at least ``method`` (e.g. ``"fp32"``,
-  ``"uniform"``, ``"ompq"``), ``size_mb`` (MiB of quantized weights), ``bops_g`` (GBOPs per
-  sample) and ``top1`` (%); optional ``seconds`` (dict stage -> seconds), ``w_bits``, ``a_bits``.
-  Optional ``"sweep"``: records of `ompq.frontier.frontier` (method, avg_bits, size_mb, top1, n,
-  stage), the accuracy-against-size curves.
-- ``orm_heatmap.png`` — the L×L orthogonality matrix with layer names.
-- ``bits_importance.png`` — per-layer weight bits (bars, left axis) beside the importance θ
-  (bars, right axis); when θ ≡ 1 (the default objective) and the profile has a distortion table,
-  beside each layer's output NSR at its chosen width (log scale) instead.
-- ``pareto.png`` — top-1 (%) against size (MiB): one curve per method of the sweep (if any),
-  the results as large markers, FP32 as a dashed line, and a zoom on the points within 5 points
-  of the best; the legend sits beside the axes.
-- ``report.md`` — the tables and links to the figures (written by `render_report`).
-
-Figures are drawn with the Agg backend at a fixed size (`FIGURE_PIXELS`) so that tests and
-documents can rely on their pixel dimensions.
+Figures: ORM heat map, bits beside importance or NSR, accuracy against size (`pareto.png`), all
+drawn on `matplotlib.figure.Figure` at a fixed size. Folder contents: docs/DESIGN.md,
+"Report folder".
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
+
+from ._jsonio import read_json, to_jsonable
 
 REPORT_FORMAT = "ompq.Report"
 REPORT_VERSION = 1
@@ -56,25 +39,9 @@ def _as_json_obj(obj: Any) -> Optional[dict]:
     if hasattr(obj, "to_json"):
         return json.loads(obj.to_json())
     if isinstance(obj, (str, os.PathLike)):
-        text = str(obj)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        return json.loads(text)
+        return read_json(obj)
     raise TypeError(f"cannot turn a {type(obj).__name__} into a JSON object; expected a "
                     "Profile/BitConfig, a dict, a JSON string or a path to a .json file")
-
-
-def _clean(value: Any) -> Any:
-    """Make numpy/torch scalars and tuples JSON-serialisable (NaN -> None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _clean(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def load_report(report_json: PathLike) -> dict:
@@ -398,9 +365,10 @@ def write_report(folder: PathLike, *, profile: Any = None, bit_config: Any = Non
             raise TypeError(f"results[{i}] is a {type(r).__name__}; expected a dict with "
                             "method, size_mb, bops_g and top1")
     data = {"format": REPORT_FORMAT, "version": REPORT_VERSION,
-            "profile": _clean(_as_json_obj(profile)), "bit_config": _clean(_as_json_obj(bit_config)),
-            "results": _clean([dict(r) for r in results]),
-            "sweep": _clean([dict(r) for r in sweep])}
+            "profile": to_jsonable(_as_json_obj(profile)),
+            "bit_config": to_jsonable(_as_json_obj(bit_config)),
+            "results": to_jsonable([dict(r) for r in results]),
+            "sweep": to_jsonable([dict(r) for r in sweep])}
     json_path = out / "report.json"
     json_path.write_text(json.dumps(data, indent=1))
     pngs, md = render_report(json_path)

@@ -1,7 +1,30 @@
-"""Helpers shared by the op tests (imported as `_helpers`: pytest puts tests/ on sys.path)."""
+"""Helpers shared by the tests (imported as `_helpers`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import socket
+
 import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it: bind to port 0), for servers a
+    test starts, e.g. torchrun's rendezvous; never a fixed number that another run may hold."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ItemsDataset(torch.utils.data.Dataset):
+    """A map-style Dataset of (x[i], i) items that is not a TensorDataset (item-by-item paths)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], i
 
 
 def fwd_bwd(fn, x, s, z, g, *args):

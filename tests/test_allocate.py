@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import ompq
-from ompq.allocate import (BitConfig, InfeasibleBudgetError, allocate, load_bit_configs,
-                           orm_importance, save_bit_configs)
+from ompq.allocate import InfeasibleBudgetError, allocate, orm_importance
+from ompq.bitconfig import (BitConfig, CostModel, as_bit_config, load_bit_configs,
+                            save_bit_configs, to_layer_json)
 from ompq.distortion import DistortionTable
 from ompq.layers import LayerInfo, match_names
 from ompq.profile import Profile
@@ -308,6 +309,34 @@ def test_bitconfig_json_roundtrip(tmp_path):
         BitConfig.from_json(prof.to_json())
     with pytest.raises(ValueError, match="lacks the field 'weight_bits'"):
         BitConfig.from_json(json.dumps({k: v for k, v in data.items() if k != "weight_bits"}))
+
+
+def test_cost_model_equals_allocate_and_cli():
+    """One cost model: allocate's reported size/BOPs, the CLI's FP32 record, uniform baseline
+    and imported configs are the same floats as the documented formulas."""
+    from ompq.pipeline import fp32_record, uniform_config
+
+    prof = make_profile(6, seed=2)
+    cost = CostModel.from_layers(prof.layers)
+    params = [layer.params for layer in prof.layers]
+    macs = [layer.macs for layer in prof.layers]
+    act = {n: (4, 8)[i % 2] for i, n in enumerate(prof.names)}
+    sizes = [cost.size_mb_at(avg) for avg in (2.5, 4.0, 6.0)]
+    for cfg in allocate(prof, size_mb=sizes, bops_g=cost.bops_g(5, act), act_bits=act):
+        bits = [cfg.weight_bits[n] for n in prof.names]
+        assert cfg.size_mb == cost.size_mb(cfg.weight_bits) == cost.size_mb(bits)
+        assert cfg.size_mb == sum(p * b for p, b in zip(params, bits)) / (8 * 2 ** 20)
+        assert cfg.bops_g == cost.bops_g(cfg.weight_bits, cfg.act_bits)
+        assert cfg.bops_g == sum(m * b * act[n] for m, b, n in zip(macs, bits, prof.names)) / 1e9
+        imported = cost.complete(as_bit_config(to_layer_json(cfg)))  # sizes 0 -> filled
+        assert (imported.size_mb, imported.bops_g) == (cfg.size_mb, cfg.bops_g)
+    rec = fp32_record(prof, 90.0, {})
+    assert rec["size_mb"] == cost.fp32_size_mb() == sum(params) * 32 / (8 * 2 ** 20)
+    assert rec["bops_g"] == cost.fp32_bops_g() == sum(macs) * 32 * 32 / 1e9
+    uni = uniform_config(prof, size_mb=cost.size_mb(3) * 1.01, bops_g=None, bits=(2, 3, 4),
+                         act_bits=8)
+    assert set(uni.weight_bits.values()) == {3} and uni.size_mb == cost.size_mb(3)
+    assert uni.bops_g == cost.bops_g(3, 8)
 
 
 def test_match_names_exact_and_glob():

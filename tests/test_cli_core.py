@@ -1,14 +1,20 @@
-"""`ompq profile` / `ompq allocate` and the shared CLI helpers (ompq.cli)."""
+"""`ompq profile` / `ompq allocate` and the shared CLI helpers (`ompq.cli.common`): argument
+types and the one bits range, defaults from the zoo, the error path, the module structure."""
+import ast
 import io
+import json
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from ompq.allocate import BitConfig, load_bit_configs
-from ompq.cli import main
-from ompq.cli._common import print_table, resolve_data, resolve_model
+import ompq.cli as cli
+from ompq import zoo
+from ompq.bitconfig import BitConfig, load_bit_configs
+from ompq.cli import common, main
+from ompq.cli.common import print_table, resolve_data, resolve_model
 from ompq.profile import Profile
 
 NET_SOURCE = textwrap.dedent("""
@@ -170,3 +176,90 @@ def test_print_table_alignment():
     assert lines[0].split() == ["layer", "n", "x"]
     assert lines[2].startswith("a ") and lines[3].split() == ["long.name", "12,345", "0.25"]
     assert len(lines[2]) == len(lines[3])
+
+
+def _one_line_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert all(n in err for n in needles), err
+    return err
+
+
+@pytest.mark.parametrize("argv", [
+    ["allocate", "--profile", "p.json", "--size-mb", "1", "--bits", "1,2"],
+    ["quantize", "--size-mb", "0.1", "--bits", "2,17"],
+    ["demo", "--bits", "4,x"],
+    ["profile", "--distortion-bits", "2,40"],
+])
+def test_one_bits_range_everywhere(capsys, argv):
+    """Every command takes candidate widths in the quantizers' range 2..16 and says so."""
+    _one_line_error(capsys, argv, "--bits" if "--bits" in argv else "--distortion-bits",
+                    "bit-widths (integers in 2..16")
+
+
+def test_single_bit_width_flags_use_the_same_range(capsys):
+    _one_line_error(capsys, ["quantize", "--size-mb", "0.1", "--act-bits", "32"],
+                    "--act-bits", "integers in 2..16")
+    _one_line_error(capsys, ["allocate", "--size-mb", "1", "--pin", "fc=1"], "--pin",
+                    "integers in 2..16")
+    assert common.bits_list("8, 2,4,4") == (2, 4, 8)
+    assert common.distortion_bits("none") is None
+
+
+def test_bad_flags_are_one_line_with_the_command(capsys):
+    err = _one_line_error(capsys, ["quantize", "--mode", "int8"], "--mode", "invalid choice")
+    assert err.startswith("ompq quantize: error:")
+    _one_line_error(capsys, ["eval", "--limit", "0"], "--limit", "an integer >= 1")
+    _one_line_error(capsys, ["quantize", "--size-mb", "-2"], "--size-mb", "a number > 0")
+    _one_line_error(capsys, ["no-such-command"], "invalid choice")
+
+
+def test_interrupt_exits_130_with_one_line(monkeypatch, capsys):
+    import ompq.cli.eval as eval_cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cmd, "run", interrupted)
+    assert main(["eval", "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip() == "ompq eval: interrupted"
+
+
+def test_defaults_come_from_the_zoo():
+    parser = cli.build_parser()
+    minimal = {"demo": [], "quantize": [], "eval": [], "export": ["--packed", "x.ompq"],
+               "profile": [], "allocate": []}
+    for name, extra in minimal.items():
+        args = parser.parse_args([name, *extra])
+        assert args.model == zoo.DEFAULT_MODEL, name
+        assert getattr(args, "data", getattr(args, "check_data", None)) is None, name
+    assert common.data_spec(None, zoo.DEFAULT_MODEL) == zoo.info(zoo.DEFAULT_MODEL)["dataset"]
+    assert common.data_spec(None, "mobilenetv2") == zoo.info("mobilenetv2")["dataset"]
+    assert common.data_spec(None, "mypkg.nets:build") == common.FALLBACK_DATA
+    assert common.data_spec("random:1,8,8", "resnet20") == "random:1,8,8"
+    assert resolve_model(None)[1] == zoo.DEFAULT_MODEL
+
+
+def test_command_modules_import_only_common():
+    """One helper module: command modules import `ompq.cli.common` and library modules, never
+    another command's module nor private names; `_common.py` is gone."""
+    folder = Path(cli.__file__).parent
+    assert not (folder / "_common.py").exists()
+    for name in cli.COMMANDS:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module == "common", (name, node.module)
+            if isinstance(node, ast.ImportFrom):
+                assert not any(a.name.startswith("_") for a in node.names), (name, node.module)
+        top = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert {"add_parser", "run"} <= top, name
+
+
+def test_eval_json_to_stdout_is_pure_json(netmod, capsys):
+    assert main(["eval", "-m", f"{netmod}:build", "--data", "random:1,10,10", "--limit", "32",
+                 "--no-progress", "--json", "-"]) == 0
+    out = capsys.readouterr().out
+    rec = json.loads(out)
+    assert rec["n"] == 32 and rec["method"] == "fp32" and rec["data"] == "random:1,10,10"

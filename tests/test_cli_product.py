@@ -1,5 +1,6 @@
 """The product commands end to end: `ompq demo` (reduced iterations, still the real pipeline),
-eval/export/report on its outputs, and every user-error path (exit 2, one helpful line)."""
+eval/export/report on its outputs, `quantize --out` on a tiny net, and every user-error path
+(exit 2, one helpful line)."""
 import json
 
 import pytest
@@ -23,6 +24,7 @@ def demo_dir(tmp_path_factory):
     return out, buf.getvalue()
 
 
+@pytest.mark.slow  # the demo fixture: ~2 min on 2 cores
 def test_demo_table_and_report_folder(demo_dir):
     out, stdout = demo_dir
     lines = stdout.splitlines()
@@ -57,6 +59,7 @@ def test_demo_table_and_report_folder(demo_dir):
     assert d["outputs"]["onnx_check"]["top1_agreement"] >= 99.0
 
 
+@pytest.mark.slow  # the demo fixture
 def test_eval_export_report_on_demo_outputs(demo_dir, tmp_path, capsys):
     out, _ = demo_dir
     rep = out / "rep"
@@ -98,10 +101,12 @@ def test_error_unreadable_data(capsys, tmp_path):
     _fails(capsys, ["eval", "--data", "mnist-nope", "--no-progress"], "mnist-nope")
 
 
+@pytest.mark.slow  # runs `quantize` on the zoo model up to the error: ~25 s
 def test_error_infeasible_budget(capsys):
     _fails(capsys, ["quantize", "--size-mb", "0.001", "--no-progress"], "--size-mb", "MiB")
 
 
+@pytest.mark.slow  # runs `quantize` on the zoo model up to the error: ~25 s
 def test_error_mismatched_layer_names(capsys, tmp_path):
     bad = tmp_path / "bits.json"
     bad.write_text(json.dumps({"conv1": {"w_bits": 4}, "not.a.layer": {"w_bits": 3}}))
@@ -109,6 +114,7 @@ def test_error_mismatched_layer_names(capsys, tmp_path):
            "layer1.0.conv1")
 
 
+@pytest.mark.slow  # the demo fixture
 def test_error_packed_into_wrong_model(capsys, demo_dir):
     out, _ = demo_dir
     _fails(capsys, ["eval", "--packed", str(out / "rep" / "model.ompq"), "--model",
@@ -121,10 +127,53 @@ def test_error_report_and_export_usage(capsys, tmp_path):
     _fails(capsys, ["demo", "--avg-bits", "0.5", "--no-progress"], "--avg-bits")
 
 
-def test_demo_checks_onnx_before_the_long_work(capsys, monkeypatch):
+def _hide_onnx(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnx" else real(name, *a))
-    _fails(capsys, ["demo", "--no-progress"], "needs onnx", "pip install onnx")
+
+
+def test_demo_checks_onnx_before_the_long_work(capsys, monkeypatch):
+    _hide_onnx(monkeypatch)
+    _fails(capsys, ["demo", "--no-progress"], "needs onnx", "pip install onnx onnxruntime")
+
+
+SMALL = ["--model", "_qmodels:small_net", "--data", "random:1,12,12", "--no-progress"]
+SMALL_QUANTIZE = ["quantize", *SMALL, "--size-mb", "0.0003", "--bits", "2,3,4,8", "--uniform",
+                  "--iters", "0", "--act-iters", "0", "--calib-samples", "32",
+                  "--profile-samples", "16", "--eval-limit", "64"]
+
+
+def test_quantize_out_and_eval_on_a_small_net(tmp_path, capsys):
+    """`quantize --out` through the pipeline on a tiny net (seconds), then `eval --packed`."""
+    out, js = tmp_path / "q", tmp_path / "q.json"
+    assert main([*SMALL_QUANTIZE, "--out", str(out), "--json", str(js)]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("method"))
+    assert [lines[header + 2 + i].split()[0] for i in range(3)] == ["fp32", "uniform", "ompq"]
+    d = json.loads(js.read_text())
+    assert d["command"] == "quantize" and d["mode"] == "ptq" and d["data"] == "random:1,12,12"
+    res = {r["method"]: r for r in d["results"]}
+    assert res["ompq"]["size_mb"] <= 0.0003 and res["uniform"]["size_mb"] <= 0.0003
+    assert d["bit_config"]["weight_bits"] == res["ompq"]["w_bits"]
+    for name in ("report.json", "report.md", "model.ompq", "model.onnx", "bit_config.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert d["outputs"]["onnx_check"]["top1_agreement"] >= 99.0
+    assert main(["eval", *SMALL, "--packed", str(out / "model.ompq"), "--limit", "64",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["top1"] == pytest.approx(res["ompq"]["top1"])
+    assert e["size_mb"] == res["ompq"]["size_mb"]
+
+
+def test_quantize_out_checks_onnx_first_unless_no_onnx(tmp_path, capsys, monkeypatch):
+    _hide_onnx(monkeypatch)
+    _fails(capsys, [*SMALL_QUANTIZE, "--out", str(tmp_path / "a")], "needs onnx",
+           "pip install onnx onnxruntime", "--no-onnx")
+    assert not (tmp_path / "a").exists()
+    assert main([*SMALL_QUANTIZE, "--out", str(tmp_path / "b"), "--no-onnx"]) == 0
+    assert (tmp_path / "b" / "model.ompq").exists()
+    assert not (tmp_path / "b" / "model.onnx").exists()

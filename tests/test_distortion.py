@@ -211,6 +211,7 @@ def test_default_objective_with_pins_ties_and_bops(r20):
     assert cfg.size_mb <= 3 * total / 8 / 2 ** 20 and cfg.bops_g <= 4 * 8 * macs / 1e9
 
 
+@pytest.mark.slow  # PTQ and evaluation at every budget: ~20 s
 def test_frontier_records(r20):
     from ompq.frontier import frontier
 

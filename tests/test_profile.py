@@ -111,7 +111,8 @@ def test_profile_layer_stats_match_measure_layers(gen):
     prof = profile(net, x, num_samples=8, progress=False)
     assert prof.layers == measure_layers(net, x[:3])
     assert set(prof.timings) == {"forward", "gram", "distortion", "orm", "total"}
-    assert all(v >= 0 for v in prof.timings.values())
+    parts = sum(prof.timings[k] for k in ("forward", "gram", "distortion", "orm"))
+    assert prof.timings["forward"] > 0 and parts <= prof.timings["total"]  # disjoint parts
     assert prof.num_samples == 8 and prof.feature == "auto" and prof.model == "Net"
 
 
@@ -235,7 +236,7 @@ def test_profile_bad_arguments(gen, kwargs, match):
 def test_profile_bad_inputs(gen):
     with pytest.raises(TypeError, match="inputs must be a tensor"):
         profile(Net(), 42, num_samples=8, progress=False)
-    with pytest.raises(ValueError, match="batches hold 5 samples"):
+    with pytest.raises(ValueError, match="holds 5 samples.*fewer than num_samples = 8"):
         profile(Net(), [torch.randn(5, 3, 8, 8)], num_samples=8, progress=False)
 
     class Skip(nn.Module):
@@ -326,16 +327,3 @@ def test_profile_moves_the_model_back_when_the_input_is_rejected():
         profile(net, torch.randn(8, 4), num_samples=8, progress=False, device="meta",
                 memory_format="channels_last")
     assert net.moves == [torch.device("meta"), torch.device("cpu")]
-
-
-def test_stack_items_copies_a_tensor_dataset():
-    from torch.utils.data import TensorDataset
-    from ompq.data import stack_items
-
-    data = TensorDataset(torch.arange(10.0).reshape(5, 2))
-    out = stack_items(data, torch.tensor([3, 1]))
-    out += 100
-    assert torch.equal(data.tensors[0], torch.arange(10.0).reshape(5, 2))
-    assert out.tolist() == [[106.0, 107.0], [102.0, 103.0]]
-    with pytest.raises(ValueError, match="1-D tensor of indices"):
-        stack_items(data, torch.tensor(1))  # a 0-d index would return a view

@@ -9,7 +9,8 @@ from torch import nn
 
 from ompq.evaluate import evaluate
 from ompq.ptq import find_blocks, ptq
-from ompq.quantizers import QuantConv, quant_layers, quantizable_layers
+from ompq.layers import find_layers
+from ompq.quantize import float_weight, is_quantized, quant_layers, weight_quantizer
 
 
 class TinyNet(nn.Module):
@@ -85,8 +86,8 @@ def test_ptq_8bit_close_to_fp32():
     (x, _), test = _data()
     fp = evaluate(m, test, progress=False)["top1"]
     assert fp > 70
-    q = ptq(m, {n: 8 for n, _ in quantizable_layers(m)}, x, num_samples=256, iters=20, act_iters=10,
-            progress=False)
+    q = ptq(m, {n: 8 for n, _ in find_layers(m)}, x, num_samples=256, iters=20, act_iters=10,
+            progress=False).model
     assert len(quant_layers(q)) == 5
     assert abs(evaluate(q, test, progress=False)["top1"] - fp) <= 0.5
 
@@ -95,54 +96,37 @@ def test_adaround_beats_nearest_at_2_bits():
     # (this tiny net loses < 0.5 point at 3 bits with nearest rounding, so 2 bits is the test)
     m = _trained()
     (x, _), test = _data()
-    cfg = {n: 2 for n, _ in quantizable_layers(m)}
-    rtn = ptq(m, cfg, x, num_samples=512, iters=0, act_iters=0, progress=False)
+    cfg = {n: 2 for n, _ in find_layers(m)}
+    rtn = ptq(m, cfg, x, num_samples=512, iters=0, act_iters=0, progress=False).model
     ada = ptq(m, cfg, x, num_samples=512, iters=300, act_iters=0, batch_size=64,
-              progress=False)
+              progress=False).model
     acc_rtn = evaluate(rtn, test, progress=False)["top1"]
     acc_ada = evaluate(ada, test, progress=False)["top1"]
     assert acc_ada > acc_rtn + 5, (acc_ada, acc_rtn)
     # the learned rounding is baked into on-grid weights
     layer = dict(quant_layers(ada))["res.c1"]
-    wq = layer.weight_quantizer
-    deq = (layer.int_weight().float() - wq.zero_point.reshape(-1, 1, 1, 1)) * \
+    wq = weight_quantizer(layer)
+    deq = (wq.int_weight(float_weight(layer)).float() - wq.zero_point.reshape(-1, 1, 1, 1)) * \
         wq.scale.detach().reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(deq, layer.weight.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(deq, float_weight(layer).detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.weight, float_weight(layer).detach(), rtol=0, atol=1e-6)
 
 
 def test_ptq_deterministic_and_input_untouched():
     m = _trained()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     (x, _), _ = _data()
-    cfg = {n: 4 for n, _ in quantizable_layers(m)}
-    a = ptq(m, cfg, x, num_samples=64, iters=10, act_iters=5, seed=3, progress=False)
-    b = ptq(m, cfg, x, num_samples=64, iters=10, act_iters=5, seed=3, progress=False)
+    cfg = {n: 4 for n, _ in find_layers(m)}
+    a = ptq(m, cfg, x, num_samples=64, iters=10, act_iters=5, seed=3, progress=False).model
+    b = ptq(m, cfg, x, num_samples=64, iters=10, act_iters=5, seed=3, progress=False).model
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    assert isinstance(a.stem[0], QuantConv) and isinstance(a.stem[1], nn.Identity)
-
-
-def test_sample_inputs_warns_when_the_data_is_short():
-    from ompq.ptq import sample_inputs
-    with pytest.warns(UserWarning, match="fewer than num_samples = 20"):
-        x = sample_inputs(torch.randn(10, 3), 20)
-    assert x.shape == (10, 3)
-
-
-@pytest.mark.parametrize("data", [
-    torch.empty(0, 3), (torch.empty(0, 3), torch.empty(0)), [torch.empty(0, 3)] * 2,
-    iter([]), torch.utils.data.TensorDataset(torch.empty(0, 3)), torch.tensor(1.0)],
-    ids=["tensor", "pair", "empty-batches", "no-batches", "dataset", "0-d"])
-def test_sample_inputs_rejects_empty_calibration_data(data):
-    from ompq.ptq import sample_inputs
-    with pytest.raises(ValueError, match=r"calibration data is empty \(.*\); give at least 1 "
-                                         "sample: a tensor N"):
-        sample_inputs(data, 4)
+    assert is_quantized(a.stem[0]) and isinstance(a.stem[1], nn.Identity)
 
 
 def test_short_calibration_warning_points_at_the_callers_line():
-    from ompq.ptq import sample_inputs
+    from ompq.data import sample_inputs
     with pytest.warns(UserWarning, match="calibrating on all 6") as rec:
         sample_inputs([torch.randn(6, 3)], 8)
     assert rec[0].filename == __file__
@@ -151,3 +135,26 @@ def test_short_calibration_warning_points_at_the_callers_line():
         ptq(m, {"0": 8, "2": 8}, torch.randn(6, 3), num_samples=8, iters=0, act_iters=0,
             progress=False)
     assert [w.filename for w in rec if "calibrating" in str(w.message)] == [__file__]
+
+
+def test_ptq_config_overrides_and_result_stats():
+    import json
+
+    from ompq.ptq import PTQConfig
+    from ompq.quantize import QuantScheme
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, bits = torch.randn(32, 3), {"0": 4, "2": 4}
+    cfg = PTQConfig(num_samples=16, iters=2, act_iters=1, progress=False,
+                    scheme=QuantScheme(weight_init="minmax"))
+    res = ptq(m, bits, x, cfg, act_iters=0)
+    assert (res.iters, res.act_iters, res.blocks) == (2, 0, ["0", "2"])
+    assert set(res.block_losses) == {"0", "2"}
+    assert json.loads(json.dumps(res.stats()))["blocks"] == ["0", "2"]
+    same = ptq(m, bits, x, num_samples=16, iters=2, act_iters=0, progress=False,
+               weight_init="minmax").model
+    for (k, va), vb in zip(res.model.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(va, vb), k
+    with pytest.raises(TypeError, match=r"unknown PTQConfig option\(s\) \['itres'\]"):
+        ptq(m, bits, x, itres=3)

@@ -11,9 +11,12 @@ import torch
 
 from ompq import data as D
 from ompq import zoo
+from ompq.evaluate import evaluate
 from ompq.zoo import train as T
 
 EXPECTED_PARAMS = {"resnet20": 272186, "mobilenetv2": 370442}
+
+from _helpers import ItemsDataset
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -102,7 +105,7 @@ def test_imagefolder_reads_resizes_and_normalises(tmp_path):
     small = D.load_dataset(f"imagefolder:{root}", grayscale=True, image_size=28, resize=28,
                            mean=(0.5,), std=(0.5,))
     assert small[0][0].shape == (1, 28, 28)
-    assert D.sample_batch(ds, 3, seed=1).shape == (3, 3, 16, 16)
+    assert D.sample_inputs(ds, 3, seed=1, strict=True).shape == (3, 3, 16, 16)
 
 
 def test_imagefolder_errors(tmp_path):
@@ -133,18 +136,77 @@ def test_load_dataset_specs(tmp_path):
         D.load_dataset(f"imagefolder:{tmp_path / 'nope'}")
 
 
-def test_sample_batch_and_loader():
+def test_sample_inputs_and_loader():
     ds = D.fashion_mnist("test")
-    a, b = D.sample_batch(ds, 32, seed=3), D.sample_batch(ds, 32, seed=3)
+    a, b = D.sample_inputs(ds, 32, seed=3), D.sample_inputs(ds, 32, seed=3)
     assert a.shape == (32, 1, 28, 28) and torch.equal(a, b)
-    assert not torch.equal(a, D.sample_batch(ds, 32, seed=4))
-    rows = {tuple(r.flatten().tolist()) for r in D.sample_batch(ds, 200, seed=0)}
+    assert torch.equal(a, ds.tensors[0][D.draw_indices(len(ds), 32, 3)])
+    assert not torch.equal(a, D.sample_inputs(ds, 32, seed=4))
+    rows = {tuple(r.flatten().tolist()) for r in D.sample_inputs(ds, 200, seed=0)}
     assert len(rows) == 200  # without replacement
-    with pytest.raises(ValueError, match="n <= 10000"):
-        D.sample_batch(ds, 10001)
+    with pytest.raises(ValueError, match="dataset holds 10000 samples, fewer than num_samples"):
+        D.sample_inputs(ds, 10001, strict=True)
     l1 = [y for _, y in D.make_loader(ds, 1000, shuffle=True, seed=5)][0]
     l2 = [y for _, y in D.make_loader(ds, 1000, shuffle=True, seed=5)][0]
     assert torch.equal(l1, l2) and len(l1) == 1000
+
+
+def test_sample_inputs_same_draw_for_every_container():
+    x = torch.arange(40.0).reshape(20, 2)
+    idx = D.draw_indices(20, 6, 7)
+    for data in (x, (x, torch.zeros(20)), torch.utils.data.TensorDataset(x), ItemsDataset(x)):
+        assert torch.equal(D.sample_inputs(data, 6, seed=7), x[idx])
+        assert torch.equal(D.sample_inputs(data, 6, seed=7, keep_order=True), x[idx.sort().values])
+
+
+def test_sample_inputs_from_batches():
+    x = torch.arange(40.0).reshape(20, 2)
+    batches = [(x[i:i + 8], torch.zeros(8)) for i in range(0, 20, 8)]  # 8 + 8 + 4
+    assert torch.equal(D.sample_inputs(iter(batches), 10, seed=1), x[:10])  # first 10, in order
+    pool = D.sample_inputs(batches, 10, seed=1, keep_order=True)  # drawn from the 16 read
+    assert torch.equal(pool, x[D.draw_indices(16, 10, 1).sort().values])
+    with pytest.raises(ValueError, match="the batches hold 20 samples, fewer than"):
+        D.sample_inputs(batches, 21, strict=True)
+
+
+def test_sample_inputs_copies_a_tensor_dataset():
+    data = torch.utils.data.TensorDataset(torch.arange(10.0).reshape(5, 2))
+    out = D.sample_inputs(data, 2, seed=0)
+    out += 100
+    assert torch.equal(data.tensors[0], torch.arange(10.0).reshape(5, 2))
+
+
+def test_sample_inputs_short_data_warns_at_the_callers_line_or_raises():
+    with pytest.warns(UserWarning, match="holds 6 samples, fewer than num_samples = 8; "
+                                         "calibrating on all 6") as rec:
+        x = D.sample_inputs(torch.randn(6, 3), 8)
+    assert x.shape == (6, 3) and rec[0].filename == __file__
+    with pytest.raises(ValueError, match="the tensor holds 6 samples along dim 0, fewer than "
+                                         "num_samples = 8"):
+        D.sample_inputs(torch.randn(6, 3), 8, strict=True)
+    with pytest.raises(ValueError, match="the tensor holds 0 samples"):
+        D.sample_inputs(torch.empty(0, 3), 1, strict=True)
+
+
+@pytest.mark.parametrize("data, num_samples, error, match", [
+    (42, 4, TypeError, "inputs must be a tensor"),
+    ({"x": torch.randn(4, 2)}, 4, TypeError, "inputs must be a tensor"),
+    (torch.randn(4, 2), 0, ValueError, "num_samples must be >= 1"),
+    (torch.randn(4, 2), 2.0, TypeError, "num_samples must be an int"),
+])
+def test_sample_inputs_bad_arguments(data, num_samples, error, match):
+    with pytest.raises(error, match=match):
+        D.sample_inputs(data, num_samples)
+
+
+def test_iter_batches_in_order_up_to_the_limit():
+    x = torch.arange(40.0).reshape(20, 2)
+    for data in (x, (x, torch.zeros(20)), torch.utils.data.TensorDataset(x), ItemsDataset(x)):
+        got = list(D.iter_batches(data, 8, limit=18))
+        assert [len(b) for b in got] == [8, 8, 2] and torch.equal(torch.cat(got), x[:18])
+        assert torch.equal(torch.cat(list(D.iter_batches(data, 64))), x)
+    with pytest.raises(TypeError, match="iter_batches needs"):
+        list(D.iter_batches(iter([x]), 8))
 
 
 # --------------------------------------------------------------------------- zoo
@@ -195,7 +257,7 @@ def test_shipped_checkpoint_accuracy(name):
     # the accuracy on the first QUICK_TEST test images, which must be reproduced here
     x, y = D.fashion_mnist("test").tensors
     n = T.QUICK_TEST
-    top1, _ = T.evaluate_top1(model, x[:n], y[:n], batch_size=500)
+    top1 = evaluate(model, (x[:n], y[:n]), batch_size=500, progress=False)["top1"]
     assert top1 == pytest.approx(meta[f"test_top1_first{n}"], abs=0.3)
 
 

@@ -1,7 +1,10 @@
 """`ompq` command line: one argparse parser, one module per command (`ompq/cli/<name>.py`).
 
 Each command module defines `add_parser(subparsers)` (registering its sub-parser and setting
-`func=run` through `set_defaults`) and `run(args) -> int`. Commands are listed in `COMMANDS`.
+`func=run` through `set_defaults`) and `run(args)`, which prints its tables and returns its
+JSON result (a dict, or JSON text) for ``--json``. Everything shared (argument types, model and
+data resolution, tables, JSON, the error path) is in `ompq.cli.common`; the flow of `quantize`
+and `demo` is the library's `ompq.pipeline`. Commands are listed in `COMMANDS`.
 """
 from __future__ import annotations
 
@@ -10,16 +13,16 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from ._common import EXIT_USAGE
+from .common import EXIT_USAGE, ArgumentParser, UsageError, fail, run_command
 
 COMMANDS = ["demo", "quantize", "eval", "export", "report", "profile", "allocate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `ompq` parser with one sub-parser per available command."""
+    """The `ompq` parser with one sub-parser per command (errors raise `UsageError`)."""
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ompq", description="Fast, model-agnostic mixed-precision quantization "
         "(OMPQ: layer orthogonality + exact integer bit allocation).")
     parser.add_argument("--version", action="version", version=f"ompq {__version__}")
@@ -31,19 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the `ompq` command line; returns the exit status (0 success, 2 bad input or usage)."""
+    """Run the `ompq` command line; returns the exit status (0 success, 2 bad input or usage,
+    130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        return fail(err.prog, err)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"ompq {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
+from typing import Any, Sequence
 
-from ._common import (add_json_arg, parse_float_list, parse_int_list, print_table,
-                      resolve_data, resolve_model, write_json_output)
-from .profile import add_profile_args, compute_profile
+from .common import (UsageError, add_common_args, add_profile_args, bit_width, bits_list,
+                     budget_list, compute_profile, data_spec, pin, print_table, resolve_data,
+                     resolve_model)
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("allocate", help="choose per-layer bits under a budget",
                               description="Allocate weight bits per layer: exact integer optimum "
                               "of an objective (default: the least summed output distortion) under "
@@ -19,14 +19,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="a Profile JSON from `ompq profile --json` (else the model is profiled)")
     add_profile_args(p)
-    p.add_argument("--size-mb", default=None, metavar="S",
+    p.add_argument("--size-mb", type=budget_list, default=None, metavar="S",
                    help="weight size budget in MiB; a comma list gives a Pareto sweep")
-    p.add_argument("--bops-g", default=None, metavar="B",
+    p.add_argument("--bops-g", type=budget_list, default=None, metavar="B",
                    help="BOPs budget in G per sample; a comma list gives a Pareto sweep")
-    p.add_argument("--bits", default=None,
-                   help="candidate bits (default 2,3,4,5,6,8; the paper's 2,3,4 for orm-linear)")
-    p.add_argument("--act-bits", type=int, default=8, help="activation bits (default 8)")
-    p.add_argument("--pin", action="append", default=[], metavar="PAT=BITS",
+    p.add_argument("--bits", type=bits_list, default=None,
+                   help="candidate bits, integers in 2..16 (default 2,3,4,5,6,8; the paper's "
+                   "2,3,4 for orm-linear)")
+    p.add_argument("--act-bits", type=bit_width, default=8, help="activation bits (default 8)")
+    p.add_argument("--pin", type=pin, action="append", default=[], metavar="PAT=BITS",
                    help="fix layers matching PAT to BITS (repeatable), e.g. --pin conv1=8")
     p.add_argument("--tie", action="append", default=[], metavar="A,B,...",
                    help="layers (names/globs) that get equal bits (repeatable)")
@@ -41,34 +42,12 @@ def add_parser(subparsers) -> None:
                    help="distortion of error/orm/random: output (layer output noise-to-signal, "
                    "default) or weight (squared weight error)")
     p.add_argument("--time-limit", type=float, default=30.0, help="solver limit in s per budget")
-    add_json_arg(p)
+    add_common_args(p)
     p.set_defaults(func=run)
+    return p
 
 
-def _pins(items: list[str]) -> dict[str, int]:
-    pins = {}
-    for item in items:
-        name, sep, bits = item.rpartition("=")
-        if not sep or not name:
-            raise ValueError(f"--pin expects PATTERN=BITS, got {item!r}")
-        pins[name] = parse_int_list(bits, f"--pin {item!r}")[0] if bits else -1
-    return pins
-
-
-def _load_inputs(args: argparse.Namespace):
-    """(profile, model or None, data or None): the model/data only when needed."""
-    from ..profile import Profile
-
-    model = desc = data = None
-    if args.proxy == "hawq" or not args.profile:
-        model, desc = resolve_model(args.model)
-        data = resolve_data(args.data, args.split, seed=args.seed)
-    if args.profile:
-        return Profile.from_json(args.profile), model, data
-    return compute_profile(args, model, desc, data), model, data
-
-
-def _print_configs(prof, configs) -> None:
+def _print_configs(prof: Any, configs: Sequence[Any]) -> None:
     if len(configs) == 1:
         c = configs[0]
         rows = [(layer.name, layer.kind, layer.params, layer.macs,
@@ -91,28 +70,29 @@ def _print_configs(prof, configs) -> None:
                        "status", "objective", "seconds"])
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..allocate import DEFAULT_BETA, allocate, save_bit_configs
+def run(args: argparse.Namespace) -> str:
+    """Allocate (profiling the model first without --profile; loading it for hawq), print the
+    bits per layer and the budgets; the JSON result is the BitConfig (a list for a sweep)."""
+    from ..allocate import DEFAULT_BETA, allocate
+    from ..bitconfig import save_bit_configs
+    from ..profile import Profile
 
-    sizes = parse_float_list(args.size_mb, "--size-mb")
-    bops = parse_float_list(args.bops_g, "--bops-g")
-    if sizes is None and bops is None:
-        raise ValueError("give a budget: --size-mb S and/or --bops-g B")
-    prof, model, data = _load_inputs(args)
+    if args.size_mb is None and args.bops_g is None:
+        raise UsageError("give a budget: --size-mb S and/or --bops-g B")
+    model = label = data = None
+    if args.proxy == "hawq" or not args.profile:
+        model, label = resolve_model(args.model)
+        data = resolve_data(data_spec(args.data, args.model), args.split, seed=args.seed)
+    prof = Profile.from_json(args.profile) if args.profile else \
+        compute_profile(args, model, label, data)
     tie = [[t for t in group.split(",") if t] for group in args.tie] or None
-    configs = allocate(prof, size_mb=sizes, bops_g=bops,
-                       bits=None if args.bits is None else parse_int_list(args.bits, "--bits"),
-                       act_bits=args.act_bits,
-                       pin=_pins(args.pin) or None, tie=tie,
+    configs = allocate(prof, size_mb=args.size_mb, bops_g=args.bops_g, bits=args.bits,
+                       act_bits=args.act_bits, pin=dict(args.pin) or None, tie=tie,
                        beta=DEFAULT_BETA if args.beta is None else args.beta,
                        method=args.method, proxy=args.proxy, model=model, data=data,
                        seed=args.seed, distortion=args.distortion,
                        time_limit_s=args.time_limit, progress=args.progress)
     print(f"allocated {len(prof.layers)} layers of {prof.model} ({args.method}, proxy "
           f"{args.proxy})", file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr if args.json == "-" else sys.stdout):
-        _print_configs(prof, configs)  # keep stdout pure JSON with --json -
-    if args.json:
-        text = configs[0].to_json() if len(configs) == 1 else save_bit_configs(configs)
-        write_json_output(text, args.json)
-    return 0
+    _print_configs(prof, configs)
+    return configs[0].to_json() if len(configs) == 1 else save_bit_configs(configs)

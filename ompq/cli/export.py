@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .quantize import (CLIError, add_common_args, emit_json, guard, load_bit_config,
-                       resolve_data, resolve_model)
+from ..bitconfig import BitConfig, read_bit_config, to_hawq_bit_config, write_layer_json
+from .common import (UsageError, add_common_args, add_data_arg, add_model_arg, data_spec,
+                     positive_int, require_onnx, resolve_data, resolve_model)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -20,13 +21,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     src.add_argument("--packed", metavar="FILE", help="bit-packed checkpoint (.ompq)")
     src.add_argument("--bit-config", metavar="JSON",
                      help="a BitConfig, per-layer or HAWQ JSON (for --hawq / --layer-json)")
-    p.add_argument("--model", default="resnet20", help="architecture of --packed (resnet20)")
+    add_model_arg(p, " (the architecture of --packed)")
     p.add_argument("--onnx", metavar="PATH", help="write the ONNX QDQ model here")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17; 21 for --int4)")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (17; 21 for --int4)")
     p.add_argument("--int4", action="store_true", help="INT4/UINT4 initialisers for <= 4 bits")
-    p.add_argument("--check-data", metavar="SPEC", default="fashion-mnist",
-                   help="compare onnxruntime with PyTorch on this data ('none' to skip)")
-    p.add_argument("--check-limit", type=int, default=None, help="first N samples only")
+    add_data_arg(p, "--check-data", "; 'none' skips the onnxruntime check")
+    p.add_argument("--check-limit", type=positive_int, default=None,
+                   help="first N samples only")
     p.add_argument("--hawq", metavar="PATH", help="write a HAWQ-V3-style bit_config dict")
     p.add_argument("--layer-json", metavar="PATH",
                    help='write {"layer": {"w_bits": b, "a_bits": a}} JSON')
@@ -35,67 +36,69 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    return guard("export", lambda: _run(args), getattr(args, "debug", False))
+def _config(args: argparse.Namespace) -> Optional[BitConfig]:
+    """The BitConfig of --packed (None if it carries none) or of --bit-config."""
+    if args.bit_config:
+        return read_bit_config(args.bit_config)
+    from ..packed import read_packed_header
 
-
-def _run(args: argparse.Namespace) -> int:
-    from .. import export
-
-    if not (args.onnx or args.hawq or args.layer_json):
-        raise CLIError("nothing to write: give --onnx PATH, --hawq PATH and/or --layer-json PATH")
-    record: dict[str, Any] = {"command": "export"}
-    cfg = None
-    if args.packed:
-        header, _ = export.read_packed_header(args.packed)
-        if header.get("bit_config"):
-            from ..allocate import BitConfig
-            cfg = BitConfig.from_json(header["bit_config"])
-    else:
-        if args.onnx:
-            raise CLIError("--onnx needs a quantized model: pass --packed FILE (from "
-                           "`ompq quantize --out DIR`, DIR/model.ompq)")
-        cfg = load_bit_config(args.bit_config)
-    if args.onnx:
-        record.update(_onnx(args))
-    if args.hawq or args.layer_json:
-        if cfg is None:
-            raise CLIError(f"{args.packed!r} carries no BitConfig; pass --bit-config JSON")
-        if args.hawq:
-            Path(args.hawq).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.hawq).write_text(json.dumps(export.to_hawq_bit_config(cfg), indent=1))
-            print(f"HAWQ bit_config: {args.hawq}")
-            record["hawq"] = args.hawq
-        if args.layer_json:
-            export.write_layer_json(cfg, args.layer_json)
-            print(f"per-layer bits: {args.layer_json}")
-            record["layer_json"] = args.layer_json
-    emit_json(args.json, record)
-    return 0
+    header, _ = read_packed_header(args.packed)
+    return BitConfig.from_json(header["bit_config"]) if header.get("bit_config") else None
 
 
 def _onnx(args: argparse.Namespace) -> dict:
-    from .. import export
+    """Export --packed as ONNX QDQ and compare onnxruntime with PyTorch on --check-data."""
+    import torch
 
-    model = export.load_packed(args.packed, resolve_model(args.model))
-    data = None if args.check_data.lower() == "none" else resolve_data(args.check_data, "test")
+    from .. import zoo
+    from ..onnx_export import check_onnx, export_onnx
+    from ..packed import load_packed
+
+    model = load_packed(args.packed, resolve_model(args.model)[0])
+    spec = data_spec(args.check_data, args.model)
+    data = None if spec.lower() == "none" else resolve_data(spec, "test", seed=args.seed)
     if data is not None:
         x = data[0][0] if isinstance(data[0], (tuple, list)) else data[0]
         example = x.unsqueeze(0)
     else:
-        from .. import zoo
-        import torch
         example = torch.zeros(1, *zoo.INPUT_SHAPE)
-    info = export.export_onnx(model, args.onnx, example, opset=args.opset, int4=args.int4)
+    info = export_onnx(model, args.onnx, example, opset=args.opset, int4=args.int4)
     print(f"ONNX: {args.onnx} ({info['bytes']} bytes, opset {info['opset']}, "
           f"{info['qdq_nodes']['QuantizeLinear']} QuantizeLinear / "
           f"{info['qdq_nodes']['DequantizeLinear']} DequantizeLinear, "
           f"{info['int4_initialisers']} INT4 initialisers)")
     out = {"onnx": info}
     if data is not None:
-        chk = export.check_onnx(args.onnx, model, data, limit=args.check_limit,
-                                progress=not args.no_progress)
+        chk = check_onnx(args.onnx, model, data, limit=args.check_limit, progress=args.progress)
         print(f"onnxruntime vs PyTorch on {chk['n']} samples: max |diff| "
               f"{chk['max_abs_diff']:.3e}, top-1 agreement {chk['top1_agreement']:.2f} %")
         out["onnx_check"] = chk
     return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Write what was asked for; the JSON result holds the ONNX facts and the written paths."""
+    if not (args.onnx or args.hawq or args.layer_json):
+        raise UsageError("nothing to write: give --onnx PATH, --hawq PATH and/or --layer-json PATH")
+    if args.onnx and not args.packed:
+        raise UsageError("--onnx needs a quantized model: pass --packed FILE (from "
+                         "`ompq quantize --out DIR`, DIR/model.ompq)")
+    if args.onnx:
+        require_onnx("--onnx writes and checks an ONNX model")
+    cfg = _config(args)
+    record: dict[str, Any] = {"command": "export"}
+    if args.onnx:
+        record.update(_onnx(args))
+    if args.hawq or args.layer_json:
+        if cfg is None:
+            raise UsageError(f"{args.packed!r} carries no BitConfig; pass --bit-config JSON")
+        if args.hawq:
+            Path(args.hawq).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.hawq).write_text(json.dumps(to_hawq_bit_config(cfg), indent=1))
+            print(f"HAWQ bit_config: {args.hawq}")
+            record["hawq"] = args.hawq
+        if args.layer_json:
+            write_layer_json(cfg, args.layer_json)
+            print(f"per-layer bits: {args.layer_json}")
+            record["layer_json"] = args.layer_json
+    return record

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .quantize import add_common_args, emit_json, guard, results_table
+from .common import add_common_args, print_results
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -20,20 +20,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    return guard("report", lambda: _run(args), getattr(args, "debug", False))
-
-
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict:
+    """Render, print the results table and the written paths; the JSON result lists them."""
     from ..report import load_report, render_report
 
     data = load_report(args.report)
     pngs, md = render_report(args.report, args.out)
     if data.get("results"):
-        print(results_table(data["results"]))
+        print_results(data["results"])
     for p in pngs:
         print(f"figure: {p}")
     print(f"summary: {md}")
-    emit_json(args.json, {"command": "report", "figures": [str(p) for p in pngs],
-                          "markdown": str(md), "results": data.get("results") or []})
-    return 0
+    return {"command": "report", "figures": [str(p) for p in pngs], "markdown": str(md),
+            "results": data.get("results") or []}

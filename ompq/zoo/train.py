@@ -29,10 +29,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..checkpoint import save_atomic, write_text_atomic
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+from ..evaluate import evaluate
 from . import models as _models
 
-__all__ = ["ARCHITECTURES", "QUICK_TEST", "augment", "evaluate_top1", "train", "main"]
+__all__ = ["ARCHITECTURES", "QUICK_TEST", "augment", "train", "main"]
 
 ARCHITECTURES = {"resnet20": _models.resnet20, "mobilenetv2": _models.mobilenetv2}
 QUICK_TEST = 2000  # the quick accuracy check uses the first 2 000 test images
@@ -55,22 +57,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
-@torch.inference_mode()
-def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
-                  channels_last: bool = False) -> tuple[float, float]:
-    """(top-1 accuracy in %, mean cross-entropy) of ``model`` in eval mode on tensors x, y."""
-    was_training = model.training
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, y[i:i + batch_size], reduction="sum"))
-        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-    model.train(was_training)
-    return 100.0 * correct / len(x), loss_sum / len(x)
+def _test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """(top-1 in %, mean cross-entropy, top-1 in % on the first ``QUICK_TEST`` images) of
+    ``model`` on the test tensors x, y (`ompq.evaluate.evaluate`, batches of 1 000)."""
+    full = evaluate(model, (x, y), batch_size=1000, progress=False)
+    quick = evaluate(model, (x, y), batch_size=1000, progress=False, max_samples=QUICK_TEST)
+    return full["top1"], full["loss"], quick["top1"]
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -89,12 +81,6 @@ def _scheduler(opt: torch.optim.Optimizer, sched: str, lr: float, total_steps: i
     if sched == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     raise ValueError(f"unknown schedule {sched!r}; valid: 'onecycle', 'cosine'")
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train(model_name: str = "resnet20", epochs: int = 10, out: str | os.PathLike = ".",
@@ -182,23 +168,19 @@ def train(model_name: str = "resnet20", epochs: int = 10, out: str | os.PathLike
                     bar.set_postfix(loss=f"{running:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}")
         bar.close()
         seconds += time.perf_counter() - t0
-        top1, test_loss = evaluate_top1(model, xte, yte, channels_last=channels_last)
-        quick = evaluate_top1(model, xte[:QUICK_TEST], yte[:QUICK_TEST],
-                              channels_last=channels_last)[0]
+        top1, test_loss, quick = _test_metrics(model, xte, yte)
         history.append({"epoch": epoch + 1, "train_loss": running, "test_top1": top1,
                         "test_loss": test_loss, "seconds": seconds})
         print(f"{model_name} epoch {epoch + 1}/{epochs}: train loss {running:.4f}, "
               f"test top-1 {top1:.2f} %, {seconds:.0f} s", file=sys.stderr, flush=True)
-        _save_atomic({"config": config, "model": model.state_dict(),
-                      "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                      "epoch": epoch + 1, "seconds": seconds, "history": history}, state_path)
+        save_atomic({"config": config, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch + 1, "seconds": seconds, "history": history}, state_path)
         meta = _write_artifacts(model, out_dir, stem, model_name, epoch + 1, epochs, top1,
                                 seconds, history, command, limit_train, eval_limit, len(xte),
                                 quick)
     if not meta:  # nothing left to train (already finished): rewrite the artefacts
-        top1, _ = evaluate_top1(model, xte, yte, channels_last=channels_last)
-        quick = evaluate_top1(model, xte[:QUICK_TEST], yte[:QUICK_TEST],
-                              channels_last=channels_last)[0]
+        top1, _, quick = _test_metrics(model, xte, yte)
         meta = _write_artifacts(model, out_dir, stem, model_name, start_epoch, epochs, top1,
                                 seconds, history, command, limit_train, eval_limit, len(xte),
                                 quick)
@@ -209,7 +191,7 @@ def _write_artifacts(model: nn.Module, out_dir: Path, stem: str, name: str, done
                      epochs: int, top1: float, seconds: float, history: list, command,
                      limit_train, eval_limit, n_test: int, quick_top1: float) -> dict:
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    _save_atomic(sd, out_dir / f"{stem}.pt")
+    save_atomic(sd, out_dir / f"{stem}.pt")
     meta = {
         "model": name, "dataset": "fashion-mnist", "test_top1": round(top1, 2),
         "test_samples": n_test,
@@ -223,9 +205,7 @@ def _write_artifacts(model: nn.Module, out_dir: Path, stem: str, name: str, done
         "command": command or f"python -m ompq.zoo.train --model {name} --epochs {epochs}",
         "torch": torch.__version__,
     }
-    tmp = out_dir / f"{stem}.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / f"{stem}.json")
+    write_text_atomic(json.dumps(meta, indent=2) + "\n", out_dir / f"{stem}.json")
     return meta
 
 
