@@ -1,7 +1,8 @@
 """Versioned JSON I/O shared by ompq's serialisable results (Profile, BitConfig, reports).
 
 `read_json` is the one reader of "JSON text, a file path or an already parsed dict";
-`load_json_payload` adds the ``"format"`` / ``"version"`` check; `write_json` writes text;
+`load_json_payload` adds the ``"format"`` / ``"version"`` check; `write_json` writes text
+atomically (`ompq.checkpoint.write_text_atomic`);
 `to_jsonable` turns numpy/torch values, tuples and non-finite floats into plain JSON. Errors name
 the file when there is one.
 """
@@ -11,6 +12,8 @@ import json
 import math
 import os
 from typing import Any, Mapping, Optional, Union
+
+from .checkpoint import write_text_atomic
 
 PathLike = Union[str, os.PathLike]
 JsonSource = Union[str, os.PathLike, Mapping[str, Any], list]
@@ -72,10 +75,10 @@ def load_json_payload(src: JsonSource, fmt: str, version: int) -> dict:
 
 
 def write_json(text: str, path: Optional[PathLike]) -> str:
-    """Write `text` (plus a newline) to `path` when given; return the text."""
+    """Write `text` (plus a newline, UTF-8) to `path` when given, atomically: the old file or the
+    new one, never a partial one (missing parent folders are created); return the text."""
     if path is not None:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+        write_text_atomic(text + "\n", path)
     return text
 
 

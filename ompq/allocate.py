@@ -15,11 +15,13 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import objectives
-from .layers import match_names
+from .layers import match_pattern
 from .objectives import (DEFAULT_BETA, DEFAULT_DISTORTION, DEFAULT_PROXY,  # noqa: F401
                          orm_importance)  # re-exported: ompq.allocate.orm_importance
-from .bitconfig import BITS_PER_MIB, BitConfig, CostModel
+from .bitconfig import (BITS_PER_MIB, BitConfig, CostModel, check_bits, check_budget,
+                        check_width)
 from .profile import Profile
+from .stages import stage
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 METHODS = ("ilp", "lp-round")
@@ -31,31 +33,6 @@ class InfeasibleBudgetError(ValueError):
 
 
 # ----------------------------------------------------------------------------- problem set-up
-def _check_bits(values: Any, what: str) -> tuple[int, ...]:
-    if isinstance(values, (int, np.integer)) and not isinstance(values, bool):
-        values = (values,)
-    try:
-        out = sorted(set(values))
-    except TypeError:
-        raise TypeError(f"{what} must be a sequence of ints, got {values!r}") from None
-    if not out:
-        raise ValueError(f"{what} is empty")
-    for b in out:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 32:
-            raise ValueError(f"{what}: bit-width {b!r} is not an integer in 1..32")
-    return tuple(int(b) for b in out)
-
-
-def _match(pattern: Any, names: Sequence[str], what: str) -> list[str]:
-    if not isinstance(pattern, str):
-        raise TypeError(f"{what} keys must be layer names or glob patterns, got {pattern!r}")
-    hit = match_names(pattern, names)
-    if not hit:
-        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-        raise ValueError(f"{what} pattern {pattern!r} matches no layer; layers: {shown}")
-    return hit
-
-
 def _per_layer(spec: Any, names: Sequence[str], default: Any, what: str, conv) -> dict[str, Any]:
     """Expand a value or a dict pattern -> value (later patterns override earlier ones)."""
     if not isinstance(spec, Mapping):
@@ -64,7 +41,7 @@ def _per_layer(spec: Any, names: Sequence[str], default: Any, what: str, conv) -
     out = {n: default for n in names}
     for pat, val in spec.items():
         v = conv(val, f"{what}[{pat!r}]")
-        for n in _match(pat, names, what):
+        for n in match_pattern(pat, names, what):
             out[n] = v
     missing = [n for n, v in out.items() if v is None]
     if missing:
@@ -72,20 +49,16 @@ def _per_layer(spec: Any, names: Sequence[str], default: Any, what: str, conv) -
     return out
 
 
-def _act_int(v: Any, what: str) -> int:
-    return _check_bits((v,), what)[0]
-
-
 def _candidates(names: Sequence[str], bits: Any, pin: Optional[Mapping[str, int]]
                 ) -> dict[str, tuple[int, ...]]:
-    cand = _per_layer(bits, names, None, "bits", _check_bits)
+    cand = _per_layer(bits, names, None, "bits", check_bits)
     if pin:
         if not isinstance(pin, Mapping):
             raise TypeError(f"pin must be a dict pattern -> bits, got {type(pin).__name__}")
         pinned: dict[str, int] = {}
         for pat, b in pin.items():
-            b = _act_int(b, f"pin[{pat!r}]")
-            for n in _match(pat, names, "pin"):
+            b = check_width(b, f"pin[{pat!r}]")
+            for n in match_pattern(pat, names, "pin"):
                 if n in pinned and pinned[n] != b:
                     raise ValueError(f"layer {n!r} is pinned to both {pinned[n]} and {b} bits")
                 if b not in cand[n]:
@@ -116,7 +89,7 @@ def _tie_groups(names: Sequence[str], tie: Any, cand: dict[str, tuple[int, ...]]
     for group in tie:
         if isinstance(group, str):
             group = [group]
-        members = [index[n] for pat in group for n in _match(pat, names, "tie")]
+        members = [index[n] for pat in group for n in match_pattern(pat, names, "tie")]
         for m in members[1:]:
             parent[find(m)] = find(members[0])
     groups: dict[int, list[int]] = {}
@@ -141,11 +114,7 @@ def _budget_list(value: Any, what: str) -> Optional[list[Optional[float]]]:
     vals = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
     if not vals:
         raise ValueError(f"{what} is an empty list")
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{what} must be a positive number (or a list of them), got {v!r}")
-    return [float(v) for v in vals]
+    return [check_budget(v, what) for v in vals]
 
 
 def _budgets(size_mb: Any, bops_g: Any) -> tuple[list[tuple[Optional[float], Optional[float]]],
@@ -239,6 +208,9 @@ class _CpSat:
         self.solver.parameters.num_workers = 1
         self.solver.parameters.random_seed = int(seed)
         self.solver.parameters.max_time_in_seconds = float(time_limit_s)
+        # CP-SAT installs its own SIGINT handler by default and leaves it behind after the
+        # solve, so a later Ctrl-C killed the process: keep Python's handler.
+        self.solver.parameters.catch_sigint_signal = False
 
     def _budget_rows(self, terms: list[tuple[Any, int, int, int]]) -> None:
         """terms: (variable, coefficient multiplier, params, act·MACs) per variable term."""
@@ -445,7 +417,7 @@ def _problem(profile: Profile, bits: Any, act_bits: Any, pin: Any, tie: Any
     names = profile.names
     cand = _candidates(names, bits, pin)
     groups = _tie_groups(names, tie, cand)
-    act = _per_layer(act_bits, names, 8, "act_bits", _act_int)
+    act = _per_layer(act_bits, names, 8, "act_bits", check_width)
     cost = CostModel.from_layers(profile.layers)
     return _Problem(names=names, cand=cand, groups=groups, cost=cost,
                     params=np.array(cost.params, dtype=np.int64),
@@ -460,6 +432,7 @@ def _import_solver(method: str) -> None:
         from scipy.optimize import linprog  # noqa: F401
 
 
+@stage("allocation")
 def allocate(profile: Profile, *, size_mb: Any = None, bops_g: Any = None,
              bits: Any = None, act_bits: Any = 8, pin: Optional[Mapping[str, int]] = None,
              tie: Optional[Sequence[Sequence[str]]] = None, beta: float = DEFAULT_BETA,

@@ -3,17 +3,22 @@
 `BitConfig` (versioned JSON, sweeps), `CostModel` (size in MiB, BOPs in G per sample),
 `as_bit_config` (the one coercion), and interop with HAWQ-V3 and per-layer JSON. The HAWQ key
 mapping: docs/DESIGN.md, "Bit configs".
+
+The valid values, one definition for the library and the command line: `check_width` /
+`check_bits` (bit-widths: integers in MIN_BITS..MAX_BITS, what the quantizers accept),
+`check_budget` (size_mb, bops_g: positive finite numbers) and `check_avg_bits`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from ._jsonio import check_payload, read_json, source_path, write_json
 from .layers import LayerInfo
@@ -24,10 +29,58 @@ BITS_PER_MIB = 8 * 2 ** 20
 DEFAULT_ACT_BITS = 8
 FP32_BITS = 32
 HAWQ_IGNORED = ("quant_input", "quant_act_int32", "quant_act_output", "quant_output")
+#: Bit-widths of weights and activations: integers in MIN_BITS..MAX_BITS (the quantizers' grid).
+MIN_BITS = 2
+MAX_BITS = 16
+BITS_RANGE = f"{MIN_BITS}..{MAX_BITS}"
 
 PathLike = Union[str, os.PathLike]
 #: bits of every layer: one int for all, a mapping name -> bits, or a sequence in layer order.
 Bits = Union[int, Mapping[str, int], Sequence[int]]
+
+
+# ============================================================================ valid values
+def _label(what: str) -> str:
+    return f"{what}: " if what else ""
+
+
+def check_width(value: Any, what: str = "") -> int:
+    """`value` as one bit-width: an integer (not a bool) in MIN_BITS..MAX_BITS, else ValueError
+    naming `what`, the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or \
+            not MIN_BITS <= value <= MAX_BITS:
+        raise ValueError(f"{_label(what)}bit-width {value!r} is not an integer in {BITS_RANGE}")
+    return int(value)
+
+
+def check_bits(values: Any, what: str = "") -> tuple[int, ...]:
+    """Candidate bit-widths: one width or a non-empty iterable of them (each `check_width`),
+    returned sorted and distinct."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        values = (values,)
+    checked = {check_width(v, what) for v in values}
+    if not checked:
+        raise ValueError(f"{_label(what)}no bit-width given; expected integers in {BITS_RANGE}")
+    return tuple(sorted(checked))
+
+
+def check_budget(value: Any, what: str = "budget") -> float:
+    """`value` as a budget (size_mb in MiB, bops_g in GBOPs, avg_bits): a finite number > 0,
+    else ValueError naming `what` and the value."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
+            or not value > 0:
+        raise ValueError(f"{_label(what)}{value!r} is not a positive finite number")
+    return float(value)
+
+
+def check_avg_bits(value: Any, what: str = "avg_bits") -> float:
+    """An average width (bits per weight) as a size budget: `check_budget`, in
+    [MIN_BITS, MAX_BITS]."""
+    value = check_budget(value, what)
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise ValueError(f"{_label(what)}{value!r} bits per weight is outside "
+                         f"[{MIN_BITS}, {MAX_BITS}] (e.g. 3)")
+    return value
 
 
 @dataclass
@@ -66,7 +119,8 @@ class BitConfig:
                 "act_bits": dict(self.act_bits), "importance": dict(self.importance)}
 
     def to_json(self, path: Optional[PathLike] = None) -> str:
-        """JSON text; also written to `path` when given."""
+        """JSON text; also written to `path` when given (atomically: the old file or the new
+        one, never a partial one)."""
         return write_json(json.dumps(self.to_dict(), indent=1), path)
 
     @classmethod
@@ -108,7 +162,8 @@ def _from_payload(data: Any, path: Optional[str]) -> BitConfig:
 
 
 def save_bit_configs(configs: Sequence[BitConfig], path: Optional[PathLike] = None) -> str:
-    """JSON text of a list of BitConfigs (a Pareto sweep); also written to `path` when given."""
+    """JSON text of a list of BitConfigs (a Pareto sweep); also written to `path` when given
+    (atomically, see `ompq.checkpoint`)."""
     return write_json(json.dumps([c.to_dict() for c in configs], indent=1), path)
 
 
@@ -344,20 +399,20 @@ def from_hawq_bit_config(d: Mapping[str, int], *, layer_names: Optional[Sequence
     wb: dict[str, int] = {}
     ab: dict[str, int] = {}
     for key, bits in d.items():
-        if not _is_int(bits) or bits < 1:
-            raise ValueError(f"HAWQ bit_config[{key!r}] = {bits!r}: bits must be a positive int")
         if key in ignore and key not in name_map:
             continue
+        bits = check_width(bits, f"HAWQ bit_config[{key!r}]")
         if _is_act_key(key):
             layer = name_map.get(key, key[:-4] if key.endswith("_act") else key)
-            ab[layer] = int(bits)
+            ab[layer] = bits
         else:
-            wb[name_map.get(key, key)] = int(bits)
+            wb[name_map.get(key, key)] = bits
     if layer_names is not None:
         check_layer_names(wb, ab, layer_names, "HAWQ-style {layer: bits} dict")
         wb = {n: wb[n] for n in layer_names}
     if "quant_input" in d and wb:
-        ab.setdefault(next(iter(wb)), int(d["quant_input"]))
+        ab.setdefault(next(iter(wb)), check_width(d["quant_input"],
+                                                  "HAWQ bit_config['quant_input']"))
     ab = {n: ab.get(n, default_act_bits) for n in wb}
     return _imported(wb, ab)
 
@@ -379,8 +434,8 @@ def from_layer_json(d: Mapping[str, Mapping[str, int]], *,
         if not isinstance(entry, Mapping) or "w_bits" not in entry:
             raise ValueError(f"layer {name!r}: expected {{'w_bits': int, 'a_bits': int}}, "
                              f"got {entry!r}")
-        wb[name] = int(entry["w_bits"])
-        ab[name] = int(entry.get("a_bits", default_act_bits))
+        wb[name] = check_width(entry["w_bits"], f"layer {name!r} w_bits")
+        ab[name] = check_width(entry.get("a_bits", default_act_bits), f"layer {name!r} a_bits")
     if layer_names is not None:
         check_layer_names(wb, ab, layer_names, "per-layer JSON")
         wb = {n: wb[n] for n in layer_names}
@@ -389,7 +444,7 @@ def from_layer_json(d: Mapping[str, Mapping[str, int]], *,
 
 
 def write_layer_json(bit_config: Any, path: PathLike) -> Path:
-    """Write `to_layer_json(bit_config)` to `path` (parent folders are created)."""
+    """Write `to_layer_json(bit_config)` to `path` atomically (parent folders are created)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     write_json(json.dumps(to_layer_json(bit_config), indent=1), p)

@@ -342,8 +342,9 @@ def _caller_stacklevel() -> int:
     the first frame outside the ompq package: the user's line, however deep inside ompq the
     warning starts."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "ompq":
-        frame, level = frame.f_back, level + 1
+    while frame is not None and (frame.f_globals.get("__name__", "").split(".")[0] == "ompq"
+                                 or frame.f_globals.get("__name__") == "contextlib"):
+        frame, level = frame.f_back, level + 1  # contextlib: `@stage(...)` decorators
     return level
 
 

@@ -83,17 +83,6 @@ class DistortionTable:
         return out
 
 
-def check_bits(bits: Any) -> tuple[int, ...]:
-    """Sorted, distinct widths in 2..16 (what `WeightQuantizer` accepts)."""
-    try:
-        out = tuple(sorted({int(b) for b in bits}))
-    except (TypeError, ValueError):
-        raise ValueError(f"distortion_bits must be a sequence of ints, got {bits!r}") from None
-    if not out or any(isinstance(b, bool) or not 2 <= b <= 16 for b in out):
-        raise ValueError(f"distortion_bits must be integers in 2..16, got {bits!r}")
-    return out
-
-
 def running_min(row: Sequence[float]) -> list[float]:
     """Make a row (narrowest width first) non-increasing."""
     out, low = [], math.inf

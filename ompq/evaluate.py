@@ -6,6 +6,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from .stages import stage
 
 
 def _batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
@@ -27,6 +28,7 @@ def _batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
         yield batch[0], batch[1]
 
 
+@stage("evaluation")
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256,
              device: Union[str, torch.device, None] = None, progress: bool = True,

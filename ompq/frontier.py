@@ -17,12 +17,14 @@ from torch import nn
 
 from .allocate import InfeasibleBudgetError, allocate
 from .bitconfig import CostModel
+from .stages import stage
 
 DEFAULT_AVG_BITS = (2.0, 3.0, 4.0, 5.0, 6.0)
 DEFAULT_METHODS = ("error", "uniform", "hawq", "orm-linear")
 CANDIDATES = (2, 3, 4, 5, 6, 8)
 
 
+@stage("accuracy-against-size sweep")
 def frontier(model: nn.Module, profile: Any, train: Any, test: Any, *,
              avg_bits: Sequence[float] = DEFAULT_AVG_BITS,
              methods: Sequence[str] = DEFAULT_METHODS, bits: Sequence[int] = CANDIDATES,

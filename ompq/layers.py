@@ -79,6 +79,18 @@ def match_names(pattern: str, names: Sequence[str]) -> list[str]:
     return [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
 
 
+def match_pattern(pattern: Any, names: Sequence[str], what: str = "pattern") -> list[str]:
+    """The names a glob `pattern` matches (`match_names`); TypeError unless it is a string,
+    ValueError naming the pattern and listing `names` when it matches none."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} patterns must be layer names or glob strings, got {pattern!r}")
+    hit = match_names(pattern, names)
+    if not hit:
+        raise ValueError(f"{what} pattern {pattern!r} matches no layer; layers: "
+                         f"{_preview(names)}")
+    return hit
+
+
 def matches_any(name: str, patterns: Patterns) -> bool:
     """Whether `name` matches one of the glob `patterns` (None matches nothing)."""
     return any(match_names(p, [name]) for p in _as_patterns(patterns, "pattern"))
@@ -108,21 +120,10 @@ def find_layers(model: nn.Module, include: Patterns = None, exclude: Patterns = 
     if not layers:
         raise ValueError(f"{type(model).__name__} has no layer of the types "
                          f"{[t.__name__ for t in types]}")
-    keep = set(names)
     inc = _as_patterns(include, "include")
-    if inc:
-        keep = set()
-        for p in inc:
-            hit = match_names(p, names)
-            if not hit:
-                raise ValueError(f"include pattern {p!r} matches no layer; "
-                                 f"layers: {_preview(names)}")
-            keep.update(hit)
+    keep = {n for p in inc for n in match_pattern(p, names, "include")} if inc else set(names)
     for p in _as_patterns(exclude, "exclude"):
-        hit = match_names(p, names)
-        if not hit:
-            raise ValueError(f"exclude pattern {p!r} matches no layer; layers: {_preview(names)}")
-        keep.difference_update(hit)
+        keep.difference_update(match_pattern(p, names, "exclude"))
     out = [(n, m) for n, m in layers if n in keep]
     if not out:
         raise ValueError("include/exclude patterns leave no layer; layers: " + _preview(names))

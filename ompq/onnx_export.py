@@ -14,16 +14,17 @@ import io
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import atomic_path
 from .data import iter_batches
 from .packed import weight_codes
 from .quantize import act_quantizer, quant_layers, swap_quantizers, weight_quantizer
+from .stages import stage
 
 PathLike = Union[str, os.PathLike]
 _LEGACY_MAX_OPSET = 20
@@ -172,6 +173,7 @@ def _to_initialisers(model_proto, int4: bool) -> None:
             graph.input.remove(inp)
 
 
+@stage("ONNX export")
 def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opset: int = 17,
                 int4: bool = False, input_name: str = "input", output_name: str = "logits"
                 ) -> dict:
@@ -179,7 +181,8 @@ def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opse
 
     Args:
         model: a quantized model (calibrated activation quantizers, baked AdaRound).
-        path: output ``.onnx`` file.
+        path: output ``.onnx`` file, written atomically (a hidden temporary file in its folder,
+            then a rename; missing folders are created).
         example_input: one batch (its batch dimension is exported as dynamic).
         opset: ONNX opset (≥ 13 for per-channel DequantizeLinear; 21 for INT4 / 16-bit).
         int4: store ≤ 4-bit weight codes as INT4/UINT4 initialisers (needs opset ≥ 21).
@@ -213,8 +216,8 @@ def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opse
             entry.version = opset
     _to_initialisers(proto, int4)
     onnx.checker.check_model(proto)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
+    with atomic_path(path) as tmp:  # the old file or the new one, never a partial one
+        onnx.save(proto, str(tmp))
     counts = {op: sum(n.op_type == op for n in proto.graph.node)
               for op in ("QuantizeLinear", "DequantizeLinear")}
     n4 = sum(t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
@@ -224,6 +227,7 @@ def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opse
             "seconds": time.perf_counter() - t0}
 
 
+@stage("ONNX check")
 @torch.no_grad()
 def check_onnx(path: PathLike, model: nn.Module, data: Any, *, limit: Optional[int] = None,
                batch_size: int = 256, progress: bool = False, optimize: bool = True) -> dict:

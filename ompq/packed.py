@@ -1,20 +1,24 @@
 """Bit-packed checkpoints of quantized models: `save_packed`, `load_packed`, `read_packed_header`.
 
-One file: magic, header length, a JSON header (arrays, layer grids, module types, the
-BitConfig) and a data blob in which every quantized layer's integer weights are packed at exactly
-its bit-width (`pack_bits`, LSB first). `load_packed` rebuilds the fake-quant model with outputs
-equal to the saved one. `PackedInfo` splits the file size into packed weights and overhead. The
-byte layout and the size accounting are specified in docs/DESIGN.md, "Packed checkpoint format".
+One file: magic, header length, a SHA-256 of the header, a JSON header (arrays, layer grids,
+module types, the BitConfig, the data blob's length and SHA-256) and a data blob in which every
+quantized layer's integer weights are packed at exactly its bit-width (`pack_bits`, LSB first).
+The file is written atomically (`ompq.checkpoint.atomic_path`). `read_packed_header` and
+`load_packed` verify both checksums and every array's bounds, so a corrupted or truncated file is
+refused with a one-line ValueError naming it; version-1 files (no checksums) still load,
+unverified. `load_packed` rebuilds the fake-quant model with outputs equal to the saved one.
+`PackedInfo` splits the file size into packed weights and overhead. The byte layout and the size
+accounting are specified in docs/DESIGN.md, "Packed checkpoint format".
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import struct
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, BinaryIO, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,15 +26,21 @@ from torch import Tensor, nn
 
 from .batchnorm import BN_TYPES
 from .bitconfig import BitConfig, as_bit_config
+from .checkpoint import atomic_path
 from .layers import set_submodule
 from .quantize import (QuantScheme, act_quantizer, added_modules, attach_quantizers,
                        float_weight, int_weight, layer_class, quant_layers, weight_quantizer)
+from .stages import stage
 
 PathLike = Union[str, os.PathLike]
-MAGIC = b"OMPQPK01"
+MAGIC = b"OMPQPK02"  # format version 2: SHA-256 of the header and of the data blob
+MAGIC_V1 = b"OMPQPK01"  # format version 1 (earlier releases): no checksums, read unverified
 PACKED_FORMAT = "ompq.Packed"
-PACKED_VERSION = 1
+PACKED_VERSION = 2
+LENGTH_BYTES = 8  # the uint64 little-endian header length after the magic
+DIGEST_BYTES = 32  # SHA-256 of magic + length + header, between the length and the header
 MIB = 2 ** 20
+_REEXPORT = "re-export it with ompq.packed.save_packed"
 
 
 # ============================================================================ bit packing
@@ -85,8 +95,9 @@ class PackedInfo:
 
     `weight_bytes`: packed integer weights; `bitconfig_bytes`: the BitConfig's size
     (``size_mb · 2**20``, or ``Σ params·bits/8`` of the quantized layers without a BitConfig);
-    `overhead_bytes`: everything else in the file = `header_bytes` (magic, length and JSON
-    metadata) + `scale_bytes` (fp32 scales and zero points) + `other_tensor_bytes` (biases,
+    `overhead_bytes`: everything else in the file = `header_bytes` (8 bytes of magic, 8 of
+    length, the 32-byte header SHA-256 and the JSON metadata, which holds the data blob's
+    SHA-256) + `scale_bytes` (fp32 scales and zero points) + `other_tensor_bytes` (biases,
     BatchNorm, activation ranges, non-quantized layers).
     """
 
@@ -145,6 +156,7 @@ class _Blob:
 
 
 # ============================================================================ packed checkpoint
+@stage("packed export")
 def save_packed(model: nn.Module, path: PathLike, bit_config: Any = None, *,
                 half: bool = False) -> PackedInfo:
     """Write the fake-quant `model` as a bit-packed checkpoint at `path` (format: docs/DESIGN.md).
@@ -175,6 +187,7 @@ def save_packed(model: nn.Module, path: PathLike, bit_config: Any = None, *,
                           wq.zero_point.data_ptr()})
     weight_bytes, scale_bytes = blob.nbytes(":packed"), blob.nbytes(":scale", ":zero_point")
     other_bytes = _add_other_tensors(blob, model, skip_ptrs, half)
+    data = blob.buf.getvalue()
     header = {
         "format": PACKED_FORMAT, "version": PACKED_VERSION,
         "model": type(model).__name__,
@@ -183,22 +196,29 @@ def save_packed(model: nn.Module, path: PathLike, bit_config: Any = None, *,
         "biased": [n for n, m in layers if getattr(m, "bias", None) is not None],
         "bit_config": None if cfg is None else cfg.to_dict(),
         "arrays": blob.entries,
+        "data": {"nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
     }
-    head = json.dumps(header, separators=(",", ":")).encode()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        f.write(blob.buf.getvalue())
+    header_bytes = _write_packed(path, json.dumps(header, separators=(",", ":")).encode(), data)
     if cfg is not None and cfg.size_mb > 0:  # an imported, not completed config has size 0
         cfg_bytes = cfg.size_mb * MIB
     else:
         cfg_bytes = sum(int(np.prod(l["shape"])) * l["bits"] / 8 for l in meta_layers.values())
     return PackedInfo(path=str(path), file_bytes=os.path.getsize(path), weight_bytes=weight_bytes,
-                      bitconfig_bytes=cfg_bytes, header_bytes=len(MAGIC) + 8 + len(head),
+                      bitconfig_bytes=cfg_bytes, header_bytes=header_bytes,
                       scale_bytes=scale_bytes, other_tensor_bytes=other_bytes,
                       layers=len(meta_layers))
+
+
+def _write_packed(path: PathLike, head: bytes, data: bytes) -> int:
+    """Write magic | length | SHA-256 | `head` (JSON) | `data` to `path` atomically; returns the
+    bytes before the data (magic, length, checksum and JSON header)."""
+    prefix = MAGIC + struct.pack("<Q", len(head))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(prefix)
+        f.write(hashlib.sha256(prefix + head).digest())
+        f.write(head)
+        f.write(data)
+    return len(prefix) + DIGEST_BYTES + len(head)
 
 
 def _module_types(model: nn.Module) -> dict[str, str]:
@@ -256,24 +276,141 @@ def _check_bits_match(layers: Sequence[tuple[str, nn.Module]], cfg: BitConfig) -
                          f"(config, model)): {wrong}")
 
 
+# ============================================================================ reading and checks
 def read_packed_header(path: PathLike) -> tuple[dict, int]:
-    """(header dict, byte offset of the data blob) of a packed checkpoint; checks the format."""
+    """(header dict, byte offset of the data blob) of a packed checkpoint, after checking the
+    whole file: magic, header checksum, JSON, format/version, array bounds and the data length
+    and checksum (version-1 files carry no checksums: only their structure is checked).
+
+    Raises:
+        ValueError: one line naming the file, what is wrong and the fix.
+    """
     with open(path, "rb") as f:
-        magic = f.read(len(MAGIC))
-        if magic != MAGIC:
-            raise ValueError(f"{str(path)!r} is not an ompq packed checkpoint (magic {magic!r}, "
-                             f"expected {MAGIC!r}); write one with ompq.packed.save_packed")
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n).decode())
-    if header.get("format") != PACKED_FORMAT or int(header.get("version", 0)) > PACKED_VERSION:
-        raise ValueError(f"{str(path)!r}: unsupported packed format/version "
-                         f"{header.get('format')!r} v{header.get('version')}; this ompq reads "
-                         f"{PACKED_FORMAT} v<={PACKED_VERSION}")
-    return header, len(MAGIC) + 8 + n
+        header, start = _read_header(f, path)
+        _check_data(path, header, *_sha256_of_rest(f))
+    return header, start
 
 
-def _read_arrays(path: PathLike, header: dict, start: int) -> dict[str, np.ndarray]:
-    raw = Path(path).read_bytes()[start:]
+def _name(path: PathLike) -> str:
+    return repr(os.fspath(path))
+
+
+def _corrupted(path: PathLike, what: str) -> ValueError:
+    """The one-line error for a damaged file: ``'<path>' is corrupted ...: <what>; re-export``."""
+    return ValueError(f"{_name(path)} is corrupted or truncated: {what}; {_REEXPORT}")
+
+
+def _read_header(f: BinaryIO, path: PathLike) -> tuple[dict, int]:
+    """Read and check everything before the data blob of the open file `f`; (header, offset of
+    the data blob in bytes)."""
+    size = os.fstat(f.fileno()).st_size
+    magic = f.read(len(MAGIC))
+    version = _magic_version(path, magic, size)
+    fixed = len(MAGIC) + LENGTH_BYTES + (DIGEST_BYTES if version >= 2 else 0)
+    if size < fixed:
+        raise _corrupted(path, f"the file has {size} bytes, fewer than the {fixed} of the "
+                               "fixed-size preamble")
+    length_field = f.read(LENGTH_BYTES)
+    (n,) = struct.unpack("<Q", length_field)
+    digest = f.read(DIGEST_BYTES) if version >= 2 else b""
+    if fixed + n > size:
+        raise _corrupted(path, f"the header length field says {n} bytes, but only "
+                               f"{size - fixed} bytes follow it")
+    head = f.read(n)
+    if version >= 2 and hashlib.sha256(magic + length_field + head).digest() != digest:
+        raise _corrupted(path, "the header checksum does not match")
+    header = _parse_header(path, head)
+    _check_header(path, header, version, size - fixed - n)
+    return header, fixed + n
+
+
+def _magic_version(path: PathLike, magic: bytes, size: int) -> int:
+    """Format version of the file from its first 8 bytes (1 or 2); ValueError otherwise."""
+    if magic == MAGIC:
+        return PACKED_VERSION
+    if magic == MAGIC_V1:
+        return 1
+    if size == 0:
+        raise ValueError(f"{_name(path)} is empty (0 bytes), not an ompq packed checkpoint; "
+                         f"{_REEXPORT}")
+    tail = magic[len(MAGIC) - 2:]
+    if magic[:len(MAGIC) - 2] == MAGIC[:-2] and tail.isdigit() and int(tail) > PACKED_VERSION:
+        raise ValueError(f"{_name(path)} is an ompq packed checkpoint of format version "
+                         f"{int(tail)}, newer than this ompq reads (<= {PACKED_VERSION}); "
+                         f"upgrade ompq, or {_REEXPORT} if the file is corrupted")
+    raise ValueError(f"{_name(path)} is not an ompq packed checkpoint, or its first bytes are "
+                     f"corrupted (magic {magic!r}, expected {MAGIC!r} or {MAGIC_V1!r}); "
+                     f"{_REEXPORT}")
+
+
+def _parse_header(path: PathLike, head: bytes) -> dict:
+    """The JSON header object; ValueError naming the file when it is not valid JSON."""
+    try:
+        header = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _corrupted(path, f"the header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _corrupted(path, f"the header is a JSON {type(header).__name__}, not an object")
+    return header
+
+
+def _check_header(path: PathLike, header: dict, version: int, data_bytes: int) -> None:
+    """Check the header's format, version, sections and array bounds against the `data_bytes`
+    bytes that follow it."""
+    if header.get("format") != PACKED_FORMAT or header.get("version") != version:
+        raise _corrupted(path, f"its magic says {PACKED_FORMAT} version {version} but the "
+                               f"header says {header.get('format')!r} version "
+                               f"{header.get('version')!r}")
+    for key in ("layers", "module_types", "arrays") + (("data",) if version >= 2 else ()):
+        if not isinstance(header.get(key), dict):
+            raise _corrupted(path, f"the header's {key!r} section is missing or not an object")
+    if version >= 2:
+        expected = header["data"].get("nbytes")
+        if expected != data_bytes:
+            raise _corrupted(path, f"expected {expected} bytes of data, found {data_bytes}")
+    for key, entry in header["arrays"].items():
+        _check_array(path, key, entry, data_bytes)
+
+
+def _check_array(path: PathLike, key: str, entry: Any, data_bytes: int) -> None:
+    """One array entry: a plain dtype, a shape matching its byte count, inside the data blob."""
+    try:
+        dtype = np.dtype(entry["dtype"])
+        shape = [int(d) for d in entry["shape"]]
+        offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise _corrupted(path, f"array {key!r} has an invalid entry ({err!r})") from None
+    if dtype.hasobject or min(shape, default=0) < 0 \
+            or nbytes != int(np.prod(shape)) * dtype.itemsize:
+        raise _corrupted(path, f"array {key!r}: {nbytes} bytes do not hold shape {shape} of "
+                               f"{dtype}")
+    if offset < 0 or offset + nbytes > data_bytes:
+        raise _corrupted(path, f"array {key!r} lies at bytes [{offset}, {offset + nbytes}), "
+                               f"outside the {data_bytes} bytes of data")
+
+
+def _sha256_of_rest(f: BinaryIO, chunk: int = 2 ** 20) -> tuple[int, str]:
+    """(bytes, SHA-256 hex digest) of what is left in `f`, read `chunk` bytes at a time."""
+    h, n = hashlib.sha256(), 0
+    while block := f.read(chunk):
+        h.update(block)
+        n += len(block)
+    return n, h.hexdigest()
+
+
+def _check_data(path: PathLike, header: dict, nbytes: int, sha256: str) -> None:
+    """Compare the data blob's length (bytes) and SHA-256 with the header (version ≥ 2)."""
+    if header["version"] < 2:
+        return
+    expected = header["data"]
+    if nbytes != expected["nbytes"]:
+        raise _corrupted(path, f"expected {expected['nbytes']} bytes of data, found {nbytes}")
+    if sha256 != expected.get("sha256"):
+        raise _corrupted(path, f"the data checksum does not match ({nbytes} bytes of data)")
+
+
+def _read_arrays(raw: bytes, header: dict) -> dict[str, np.ndarray]:
+    """The arrays of the (checked) header from the data blob `raw`, as writable copies."""
     out = {}
     for key, e in header["arrays"].items():
         buf = raw[e["offset"]:e["offset"] + e["nbytes"]]
@@ -323,13 +460,15 @@ def _rebuild_structure(model: nn.Module, header: dict) -> None:
                                                 device=float_weight(mod).device))
 
 
+@stage("loading the packed checkpoint")
 @torch.no_grad()
 def load_packed(path: PathLike, model_factory_or_model: Union[nn.Module, Callable[[], nn.Module],
                 str], *, device: Union[str, torch.device, None] = None) -> nn.Module:
     """Load a packed checkpoint into a model of the architecture it was saved from.
 
     Args:
-        path: file written by `save_packed`.
+        path: file written by `save_packed` (read once; verified as in `read_packed_header`:
+            a corrupted or truncated file raises a one-line ValueError naming it).
         model_factory_or_model: the float model (modified in place), an already quantized model
             of the same structure, a zoo name, or a callable returning the float model. BN
             folding and quantized layers are recreated as saved.
@@ -338,8 +477,11 @@ def load_packed(path: PathLike, model_factory_or_model: Union[nn.Module, Callabl
     Returns:
         The fake-quant model in eval mode; its outputs equal the saved model's exactly (fp32).
     """
-    header, start = read_packed_header(path)
-    arrays = _read_arrays(path, header, start)
+    with open(path, "rb") as f:
+        header, _ = _read_header(f, path)
+        raw = f.read()
+    _check_data(path, header, len(raw), hashlib.sha256(raw).hexdigest())
+    arrays = _read_arrays(raw, header)
     model = _materialise(model_factory_or_model).cpu()
     _rebuild_structure(model, header)
     state = {k: torch.from_numpy(v) for k, v in arrays.items() if ":" not in k}
@@ -374,6 +516,10 @@ def _restore_layer(name: str, mod: nn.Module, meta: dict, arrays: Mapping[str, n
     if list(weight.shape) != shape:
         raise ValueError(f"layer {name!r}: weight shape {list(weight.shape)} != saved {shape}")
     count = int(np.prod(shape))
+    stored, need = arrays[f"{name}.weight:packed"].size, -(-count * meta["bits"] // 8)
+    if stored != need:
+        raise ValueError(f"layer {name!r}: the checkpoint holds {stored} bytes of packed weights, "
+                         f"{need} expected for shape {shape} at {meta['bits']} bits")
     q = unpack_bits(arrays[f"{name}.weight:packed"], meta["bits"], count) + meta["qmin"]
     scale = torch.from_numpy(arrays[f"{name}.weight:scale"]).float()
     zp = torch.from_numpy(arrays[f"{name}.weight:zero_point"]).float()

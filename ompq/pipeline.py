@@ -26,26 +26,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from .bitconfig import BitConfig, CostModel, as_bit_config
+from .bitconfig import (BitConfig, CostModel, as_bit_config, check_avg_bits, check_bits,
+                        check_budget, check_width)
 from .ptq import PTQConfig
 from .qat import QATConfig
 from .quantize import with_options
-from .quantizers import MAX_BITS, MIN_BITS
+from .stages import stage
 
 MODES = ("ptq", "qat")
 #: Candidate weight widths per mode (SPEC §4: the reference searches 2–4 bits for PTQ).
 DEFAULT_BITS = {"ptq": (2, 3, 4), "qat": (2, 3, 4, 5, 6, 8)}
 #: Modules the ONNX step of `write_outputs` needs.
 ONNX_MODULES = ("onnx", "onnxruntime")
-
-
-def check_bit_width(value: Any, what: str) -> int:
-    """`value` as an int in the quantizers' range MIN_BITS..MAX_BITS (2..16), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or \
-            not MIN_BITS <= value <= MAX_BITS:
-        raise ValueError(f"{what} {value!r}: bit-widths must be integers in "
-                         f"{MIN_BITS}..{MAX_BITS} (what the quantizers accept)")
-    return value
 
 
 @dataclass(frozen=True)
@@ -80,22 +72,16 @@ class PipelineConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: valid modes are {', '.join(MODES)}")
         for name in ("size_mb", "bops_g"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} {value!r}: a budget must be positive")
+            if getattr(self, name) is not None:
+                check_budget(getattr(self, name), name)
         if self.avg_bits is not None:
             if self.size_mb is not None:
                 raise ValueError(f"give size_mb ({self.size_mb}) or avg_bits ({self.avg_bits}), "
                                  "not both")
-            if not MIN_BITS <= self.avg_bits <= MAX_BITS:
-                raise ValueError(f"avg_bits {self.avg_bits!r}: expected a value in "
-                                 f"[{MIN_BITS}, {MAX_BITS}], e.g. 3")
+            check_avg_bits(self.avg_bits)
         bits = DEFAULT_BITS[self.mode] if self.bits is None else self.bits
-        if isinstance(bits, int) or not bits:
-            raise ValueError(f"bits {bits!r}: expected a non-empty sequence of widths")
-        bits = tuple(sorted({check_bit_width(b, "bits") for b in bits}))
-        object.__setattr__(self, "bits", bits)
-        check_bit_width(self.act_bits, "act_bits")
+        object.__setattr__(self, "bits", check_bits(bits, "bits"))
+        check_width(self.act_bits, "act_bits")
         if self.eval_limit is not None and not self.eval_limit > 0:
             raise ValueError(f"eval_limit {self.eval_limit!r}: must be positive (None: all)")
 
@@ -254,15 +240,16 @@ def run_pipeline(model: nn.Module, train: Any, test: Any,
     configs: dict[str, BitConfig] = {}
     stats: dict[str, dict] = {}
     for method in (("uniform",) if config.uniform else ()) + ("ompq",):
-        t = time.perf_counter()
-        c = cfg if method == "ompq" else uniform_config(
-            prof, size_mb=cfg.size_mb if size_mb is None else size_mb, bops_g=bops_g,
-            bits=config.bits, act_bits=config.act_bits)
-        t_a = time.perf_counter() - t
-        t = time.perf_counter()
-        q, stats[method] = quantize_model(model, c, train, config)
-        t_q = time.perf_counter() - t
-        top1, t_eval = timed_eval(q)
+        with stage(f"{method} model"):
+            t = time.perf_counter()
+            c = cfg if method == "ompq" else uniform_config(
+                prof, size_mb=cfg.size_mb if size_mb is None else size_mb, bops_g=bops_g,
+                bits=config.bits, act_bits=config.act_bits)
+            t_a = time.perf_counter() - t
+            t = time.perf_counter()
+            q, stats[method] = quantize_model(model, c, train, config)
+            t_q = time.perf_counter() - t
+            top1, t_eval = timed_eval(q)
         secs = {"profile": t_prof, "allocate": t_alloc, config.mode: t_q, "eval": t_eval} \
             if method == "ompq" else {"allocate": t_a, config.mode: t_q, "eval": t_eval}
         results.append(quant_record(method, c, top1, secs))
@@ -286,8 +273,10 @@ def write_outputs(out_dir: Union[str, Path], result: PipelineResult, *, onnx_dat
     bits_per_layer.json, hawq_bit_config.json, model.ompq (the ompq model, bit-packed),
     report.json/.md and figures, export.json; with `onnx_data` (labelled data) also model.onnx
     and its onnxruntime check on the first `onnx_check_limit` samples. `sweep`: records of
-    `ompq.frontier.frontier` for the report. Returns the export facts (also in export.json)."""
+    `ompq.frontier.frontier` for the report. Returns the export facts (also in export.json;
+    file names relative to `out_dir`)."""
     from .bitconfig import to_hawq_bit_config, write_layer_json
+    from .checkpoint import write_text_atomic
     from .packed import save_packed
     from .report import write_report
 
@@ -298,13 +287,16 @@ def write_outputs(out_dir: Union[str, Path], result: PipelineResult, *, onnx_dat
     prof.to_json(out / "profile.json")
     cfg.to_json(out / "bit_config.json")
     write_layer_json(cfg, out / "bits_per_layer.json")
-    (out / "hawq_bit_config.json").write_text(json.dumps(to_hawq_bit_config(cfg), indent=1))
+    hawq = json.dumps(to_hawq_bit_config(cfg), indent=1)
+    write_text_atomic(hawq, out / "hawq_bit_config.json")
     facts: dict[str, Any] = {"packed": save_packed(q, out / "model.ompq", qcfg).to_dict()}
+    facts["packed"]["path"] = "model.ompq"
     if onnx_data is not None:
         facts.update(_onnx_outputs(out / "model.onnx", q, onnx_data, onnx_check_limit, progress))
+        facts["onnx"]["path"] = "model.onnx"
     paths = write_report(out, profile=prof, bit_config=cfg, results=result.results, sweep=sweep)
-    facts["report"] = {k: str(v) for k, v in paths.items()}
-    (out / "export.json").write_text(json.dumps(facts, indent=1, default=str))
+    facts["report"] = {k: Path(v).name for k, v in paths.items()}
+    write_text_atomic(json.dumps(facts, indent=1, default=str), out / "export.json")
     return facts
 
 
@@ -325,4 +317,4 @@ def _onnx_outputs(path: Path, model: nn.Module, data: Any, limit: Optional[int],
 
 __all__ = ["MODES", "DEFAULT_BITS", "ONNX_MODULES", "PipelineConfig", "PipelineResult",
            "run_pipeline", "write_outputs", "uniform_config", "fp32_record", "quant_record",
-           "quantize_model", "missing_modules", "check_bit_width"]
+           "quantize_model", "missing_modules"]

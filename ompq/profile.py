@@ -17,12 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from ._jsonio import load_json_payload, write_json
+from .bitconfig import check_bits
 from .data import sample_inputs
 from .distortion import (DEFAULT_SAMPLES, DISTORTION_BITS, DistortionTable, LayerMeter,
-                         check_bits, fold_scales, table_from_meters)
+                         fold_scales, table_from_meters)
 from .layers import LayerInfo, Patterns, find_layers, layer_info
 from .trace import Hooks, call_model, first_tensor
 from .orm import MIN_SAMPLES, feature_gram, flatten_samples, orm_from_grams, orm_gamma
+from .stages import stage
 
 FORMAT = "ompq.Profile"
 VERSION = 2  # 2: adds the per-layer, per-width distortion table
@@ -77,7 +79,8 @@ class Profile:
                 "distortion": None if self.distortion is None else self.distortion.to_dict()}
 
     def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
-        """JSON text (floats round-trip exactly); also written to `path` when given."""
+        """JSON text (floats round-trip exactly); also written to `path` when given
+        (atomically: the old file or the new one, never a partial one)."""
         return write_json(json.dumps(self.to_dict(), indent=1), path)
 
     @classmethod
@@ -300,6 +303,7 @@ def _record(model: nn.Module, layers: list, x: Tensor, num_samples: int, feature
             pbar.close()
 
 
+@stage("profiling")
 def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int = 0,
             include: Patterns = None, exclude: Patterns = None,
             types: Optional[tuple[type, ...]] = None, feature: str = "auto",
@@ -329,7 +333,7 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
-    bits = None if distortion_bits is None else check_bits(distortion_bits)
+    bits = None if distortion_bits is None else check_bits(distortion_bits, "distortion_bits")
     if isinstance(distortion_samples, bool) or not isinstance(distortion_samples, int) \
             or distortion_samples < 1:
         raise ValueError(f"distortion_samples must be a positive int, got {distortion_samples!r}")

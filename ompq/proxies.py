@@ -18,6 +18,7 @@ from .data import draw_indices
 from .objectives import OBJECTIVES
 from .quantizers import WeightQuantizer
 from .trace import evaluating
+from .stages import stage
 
 PROXIES = ("hawq", "uniform")
 
@@ -79,6 +80,7 @@ def _labelled_batch(data: Any, model: nn.Module, num_samples: int, seed: int
     return x, y.to(dev)
 
 
+@stage("HAWQ Hessian traces")
 def hessian_traces(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor, *,
                    max_iters: int = 100, tol: float = 1e-3, seed: int = 0,
                    progress: bool = False) -> tuple[dict[str, float], int]:

@@ -24,6 +24,7 @@ from .quantize import (QuantScheme, calibrate_activations, float_weight, quantiz
                        set_act_quant, weight_quantizer, with_options)
 from .quantizers import ActQuantizer, WeightQuantizer
 from .trace import Hooks
+from .stages import stage
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -263,6 +264,7 @@ def _learn_act_scales(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: int,
         aq.set_mode("fixed")
 
 
+@stage("PTQ")
 def ptq(model: nn.Module, bit_config: Any, calib_data: Any,
         config: Optional[PTQConfig] = None, **options: Any) -> PTQResult:
     """Quantize a copy of `model` to `bit_config` with BRECQ-style PTQ.

@@ -29,6 +29,7 @@ from .data import sample_inputs
 from .quantize import (QuantScheme, act_quantizers, calibrate_activations, quant_layers,
                        quantize_, weight_quantizer, with_options)
 from .quantizers import ActQuantizer, WeightQuantizer
+from .stages import stage
 
 CHECKPOINT_NAME = "qat_last.pt"
 METHODS = ("lsq", "ste")
@@ -192,6 +193,7 @@ def _keeps_caller_rng(fn):
     return wrapper
 
 
+@stage("QAT")
 @_keeps_caller_rng
 def qat(model: nn.Module, bit_config: Any, train_data: Any, config: Optional[QATConfig] = None,
         **options: Any) -> QATResult:

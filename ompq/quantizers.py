@@ -15,23 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .bitconfig import check_width
 
 WEIGHT_INITS = ("minmax", "percentile", "mse")
 WEIGHT_MODES = ("nearest", "adaround", "lsq")
 ACT_MODES = ("fixed", "lsq")
 ADAROUND_ZETA = 1.1
 ADAROUND_GAMMA = -0.1
-#: Bit-widths the quantizers accept (weights and activations): MIN_BITS..MAX_BITS inclusive.
-MIN_BITS = 2
-MAX_BITS = 16
-
-
-def _check_bits(bits: int, what: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int,)) or \
-            not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"{what}: bits must be an integer in [{MIN_BITS}, {MAX_BITS}], "
-                         f"got {bits!r}")
-    return int(bits)
 
 
 def weight_qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -124,7 +114,7 @@ class WeightQuantizer(nn.Module):
     def __init__(self, bits: int, channels: int, *, axis: int = 0, symmetric: bool = False,
                  mode: str = "nearest") -> None:
         super().__init__()
-        self.bits = _check_bits(bits, "WeightQuantizer")
+        self.bits = check_width(bits, "WeightQuantizer bits")
         self.axis = axis
         self.symmetric = bool(symmetric)
         self.qmin, self.qmax = weight_qrange(self.bits, self.symmetric)
@@ -264,7 +254,7 @@ class ActQuantizer(nn.Module):
     def __init__(self, bits: int, *, symmetric: bool = False, momentum: float = 0.99,
                  mode: str = "fixed") -> None:
         super().__init__()
-        self.bits = _check_bits(bits, "ActQuantizer")
+        self.bits = check_width(bits, "ActQuantizer bits")
         self.symmetric = bool(symmetric)
         self.momentum = momentum
         self.axis = None

@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
 
 from ._jsonio import read_json, to_jsonable
+from .checkpoint import atomic_path, write_text_atomic
+from .stages import stage
 
 REPORT_FORMAT = "ompq.Report"
 REPORT_VERSION = 1
@@ -106,8 +108,10 @@ def _new_figure(name: str):
 
 
 def _save(fig, folder: Path, name: str) -> Path:
+    """Save `fig` as PNG ``folder/name`` atomically (a hidden temporary file, then a rename)."""
     path = folder / name
-    fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches: the pixel size stays fixed
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")  # no bbox_inches: the pixel size stays fixed
     return path
 
 
@@ -347,6 +351,7 @@ def _figures(data: dict, folder: Path) -> list[Path]:
     return pngs
 
 
+@stage("report")
 def write_report(folder: PathLike, *, profile: Any = None, bit_config: Any = None,
                  results: Sequence[Mapping[str, Any]] = (),
                  sweep: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
@@ -370,7 +375,7 @@ def write_report(folder: PathLike, *, profile: Any = None, bit_config: Any = Non
             "results": to_jsonable([dict(r) for r in results]),
             "sweep": to_jsonable([dict(r) for r in sweep])}
     json_path = out / "report.json"
-    json_path.write_text(json.dumps(data, indent=1))
+    write_text_atomic(json.dumps(data, indent=1), json_path)
     pngs, md = render_report(json_path)
     paths = {"report.json": json_path}
     paths.update({p.name: p for p in pngs})
@@ -390,5 +395,5 @@ def render_report(report_json: PathLike, out_dir: Optional[PathLike] = None
     folder.mkdir(parents=True, exist_ok=True)
     pngs = _figures(data, folder)
     md = folder / "report.md"
-    md.write_text(_markdown(data, pngs))
+    write_text_atomic(_markdown(data, pngs), md)
     return pngs, md

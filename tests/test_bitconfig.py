@@ -87,7 +87,10 @@ def test_as_bit_config_checks_layer_names():
     (3, TypeError, "bit_config must be a BitConfig, a dict .* got int"),
     ([("conv1", 4)], TypeError, "got list"),
     ({}, ValueError, "non-empty JSON object"),
-    ({"conv1": 4.5}, ValueError, r"bit_config\['conv1'\] = 4.5: bits must be a positive int"),
+    ({"conv1": 4.5}, ValueError, r"bit_config\['conv1'\]: bit-width 4.5 is not an integer in "
+                                 r"2\.\.16"),
+    ({"conv1": 32}, ValueError, "bit-width 32 is not an integer in 2..16"),
+    ({"conv1": {"w_bits": 1}}, ValueError, "layer 'conv1' w_bits: bit-width 1 is not"),
     ({"conv1": {"bits": 4}}, ValueError, "w_bits"),
     ({"format": "ompq.Profile", "version": 2}, ValueError, "format 'ompq.BitConfig'"),
 ])

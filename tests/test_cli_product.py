@@ -122,7 +122,8 @@ def test_error_packed_into_wrong_model(capsys, demo_dir):
 
 
 def test_error_report_and_export_usage(capsys, tmp_path):
-    _fails(capsys, ["report", str(tmp_path / "missing.json")], "does not exist")
+    _fails(capsys, ["report", str(tmp_path / "missing.json")], "no such file or folder")
+    (tmp_path / "x.json").write_text('{"conv1": 8}')
     _fails(capsys, ["export", "--bit-config", str(tmp_path / "x.json")], "--onnx")
     _fails(capsys, ["demo", "--avg-bits", "0.5", "--no-progress"], "--avg-bits")
 
@@ -135,9 +136,10 @@ def _hide_onnx(monkeypatch):
                         lambda name, *a: None if name == "onnx" else real(name, *a))
 
 
-def test_demo_checks_onnx_before_the_long_work(capsys, monkeypatch):
+def test_demo_checks_onnx_before_the_long_work(capsys, monkeypatch, tmp_path):
     _hide_onnx(monkeypatch)
-    _fails(capsys, ["demo", "--no-progress"], "needs onnx", "pip install onnx onnxruntime")
+    _fails(capsys, ["demo", "--no-progress", "--out", str(tmp_path / "d")],
+           "onnx is not installed; pip install onnx")
 
 
 SMALL = ["--model", "_qmodels:small_net", "--data", "random:1,12,12", "--no-progress"]
@@ -171,8 +173,8 @@ def test_quantize_out_and_eval_on_a_small_net(tmp_path, capsys):
 
 def test_quantize_out_checks_onnx_first_unless_no_onnx(tmp_path, capsys, monkeypatch):
     _hide_onnx(monkeypatch)
-    _fails(capsys, [*SMALL_QUANTIZE, "--out", str(tmp_path / "a")], "needs onnx",
-           "pip install onnx onnxruntime", "--no-onnx")
+    _fails(capsys, [*SMALL_QUANTIZE, "--out", str(tmp_path / "a")],
+           "onnx is not installed; pip install onnx", "--no-onnx")
     assert not (tmp_path / "a").exists()
     assert main([*SMALL_QUANTIZE, "--out", str(tmp_path / "b"), "--no-onnx"]) == 0
     assert (tmp_path / "b" / "model.ompq").exists()

@@ -174,7 +174,7 @@ def test_bad_tables_name_the_layer(r20):
         allocate(r20, size_mb=size, bits=(2, 4, 10))
     with pytest.raises(ValueError, match="distortion must be one of"):
         allocate(r20, size_mb=size, distortion="kl")
-    with pytest.raises(ValueError, match="distortion_bits must be integers in 2..16"):
+    with pytest.raises(ValueError, match="distortion_bits: bit-width 1 is not an integer"):
         ompq.profile(_net("linear", 3, 0), _input("linear"), num_samples=8, progress=False,
                      distortion_bits=(1, 4))
 

@@ -1,5 +1,7 @@
 """ONNX QDQ export (ompq.onnx_export): node counts, INT4 initialisers, Clip for narrow grids and
-agreement with PyTorch in onnxruntime."""
+agreement with PyTorch in onnxruntime, atomic writes."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +70,31 @@ def test_onnx_resnet20_fashion_mnist_agreement(tmp_path):
     assert chk["n"] == 1000
     assert chk["max_abs_diff"] < 0.5, chk
     assert chk["top1_agreement"] >= 99.5, chk
+
+
+@pytest.mark.parametrize("previous", [True, False])
+def test_interrupted_export_keeps_previous_file(tmp_path, gen, monkeypatch, previous):
+    """onnx.save interrupted half-way (Ctrl-C): the old .onnx stays whole, no temporary file."""
+    import onnx
+
+    x = torch.randn(8, 1, 28, 28, generator=gen)
+    model = quantized_net(x)
+    path = tmp_path / "m.onnx"
+    if previous:
+        onnx_export.export_onnx(model, path, x[:2])
+    before = path.read_bytes() if previous else None
+    seen = []
+
+    def partial_save(proto, f, *args, **kwargs):
+        seen.append(Path(f))
+        Path(f).write_bytes(proto.SerializeToString()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save", partial_save)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(model, path, x[:2])
+    assert seen[0].parent == tmp_path and seen[0].suffix == ".onnx" and seen[0] != path
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m.onnx"] if previous else [])
+    if previous:
+        assert path.read_bytes() == before
+        onnx.checker.check_model(str(path))

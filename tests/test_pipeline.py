@@ -75,12 +75,14 @@ def test_write_outputs_writes_the_report_folder(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"mode": "int8"}, "mode 'int8'"),
-    ({"bits": (1, 2)}, "bits 1: bit-widths must be integers in 2..16"),
-    ({"bits": (4, 17)}, "bits 17"),
-    ({"act_bits": 32}, "act_bits 32"),
-    ({"size_mb": -1.0}, "size_mb -1.0"),
+    ({"bits": (1, 2)}, "bits: bit-width 1 is not an integer in 2..16"),
+    ({"bits": (4, 17)}, "bits: bit-width 17"),
+    ({"bits": ()}, "bits: no bit-width given"),
+    ({"act_bits": 32}, "act_bits: bit-width 32"),
+    ({"size_mb": -1.0}, "size_mb: -1.0 is not a positive finite number"),
+    ({"bops_g": float("inf")}, "bops_g: inf is not a positive finite number"),
     ({"size_mb": 0.1, "avg_bits": 3}, "not both"),
-    ({"avg_bits": 1.0}, r"avg_bits 1.0: expected a value in \[2, 16\]"),
+    ({"avg_bits": 1.0}, r"avg_bits: 1.0 bits per weight is outside \[2, 16\]"),
     ({"eval_limit": 0}, "eval_limit 0"),
 ])
 def test_config_rejects_bad_settings(kwargs, match):

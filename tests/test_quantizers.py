@@ -104,7 +104,7 @@ def test_bitconfig_errors_name_layers():
         quantize_(_net(), {"0": 4})
     m = quantize_(_net(), {"0": 4}, skip=["3"])
     assert is_quantized(m[0]) and not is_quantized(m[3]) and type(m[3]) is nn.Linear
-    with pytest.raises(ValueError, match="bits must be an integer"):
+    with pytest.raises(ValueError, match="bit-width 1 is not an integer in 2..16"):
         quantize_(_net(), {"0": 1, "3": 4})
 
 

@@ -6,8 +6,8 @@ import sys
 from typing import Any, Sequence
 
 from .common import (UsageError, add_common_args, add_profile_args, bit_width, bits_list,
-                     budget_list, compute_profile, data_spec, pin, print_table, resolve_data,
-                     resolve_model)
+                     budget_list, compute_profile, data_spec, pin, print_table, require,
+                     resolve_data, resolve_model)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> str:
 
     if args.size_mb is None and args.bops_g is None:
         raise UsageError("give a budget: --size-mb S and/or --bops-g B")
+    require("ortools" if args.method == "ilp" else "scipy")
     model = label = data = None
     if args.proxy == "hawq" or not args.profile:
         model, label = resolve_model(args.model)

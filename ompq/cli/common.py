@@ -1,11 +1,9 @@
-"""What every `ompq` command shares: argument types and options, model/data resolution, the
-table printer, the JSON emitter and the error path.
+"""What every `ompq` command shares: argument types and options, model/data resolution, output
+checks, the table printer, the JSON emitter and the error path.
 
-Errors: a user error (ValueError, TypeError, OSError, KeyError, RuntimeError, or a bad flag)
-ends the command with exit code 2 and one line ``ompq <command>: error: <message>`` on stderr
-(`--debug` or ``OMPQ_DEBUG=1``: the traceback instead); Ctrl-C ends it with exit code 130 and
-one line. Bit-widths on the command line are integers in 2..16, what the quantizers accept
-(`ompq.quantizers.MIN_BITS`..`MAX_BITS`), for every command.
+Exit codes: 0 success; 2 bad input, one line ``ompq <command>: error: <message>``; 130 on
+Ctrl-C and 143 on SIGTERM, one line naming the stage; 1 an internal error, one line and a
+pointer to ``OMPQ_DEBUG=1`` (or `--debug`) for the traceback. Bit-widths are integers in 2..16.
 """
 from __future__ import annotations
 
@@ -18,7 +16,6 @@ import re
 import sys
 import warnings
 import zipfile
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TextIO, Union
 
 import torch
@@ -26,11 +23,13 @@ from torch import nn
 
 from .. import zoo
 from .._jsonio import to_jsonable
-from ..pipeline import ONNX_MODULES, missing_modules
-from ..quantizers import MAX_BITS, MIN_BITS
+from ..bitconfig import BITS_RANGE, check_avg_bits, check_bits, check_budget, check_width
+from ..pipeline import missing_modules
 
+EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 #: Data of a model outside the zoo when --data is not given (zoo models: their own dataset).
 FALLBACK_DATA = "fashion-mnist"
 #: Samples of a `random:C,H,W` data spec.
@@ -39,7 +38,9 @@ USER_ERRORS = (ValueError, TypeError, OSError, KeyError, RuntimeError)
 MODEL_FORMS = ("a zoo name (see `ompq.zoo.list_models()`)",
                "module.path:factory (a callable returning an nn.Module, e.g. mypkg.nets:build)",
                "a saved model file (torch.save(model, PATH) or TorchScript)")
-BITS_HELP = f"integers in {MIN_BITS}..{MAX_BITS}"
+BITS_HELP = f"integers in {BITS_RANGE}"
+#: pip package of a module when the names differ (`require`).
+PIP_NAMES = {"PIL": "pillow"}
 
 
 # ============================================================================ errors
@@ -58,32 +59,111 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message, self.prog)
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename:
+        return f"cannot use {str(err.filename)!r}: {err.strerror or err}"
+    msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(msg.split()) or type(err).__name__
+
+
 def fail(prog: str, err: BaseException) -> int:
     """Print ``<prog>: error: <message>`` as one line on stderr; return exit code 2."""
-    msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    msg = " ".join(msg.split()) or type(err).__name__
-    print(f"{prog}: error: {msg}", file=sys.stderr)
+    print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
     return EXIT_USAGE
 
 
+def interrupted(prog: str, err: KeyboardInterrupt) -> int:
+    """Print ``<prog>: interrupted during <stage>`` (or SIGTERM's ``terminated``); 130 / 143."""
+    from ..stages import stage_of
+
+    where = stage_of(err)
+    what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+    print(f"{prog}: {what}{' during ' + where if where else ''}; nothing was left half-written",
+          file=sys.stderr)
+    return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+
+
 def guard(command: str, body: Callable[[], int], debug: bool = False) -> int:
-    """Run `body`: user errors → one line and exit 2 (`debug` or ``OMPQ_DEBUG=1``: raise);
-    KeyboardInterrupt → one line and exit 130."""
+    """Run `body` with the exit codes of the module docstring (`debug` or ``OMPQ_DEBUG=1``:
+    errors raise with their traceback instead)."""
+    prog = f"ompq {command}"
+    debug = debug or bool(os.environ.get("OMPQ_DEBUG"))
     try:
-        return body()
-    except KeyboardInterrupt:
-        print(f"ompq {command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with _sigterm_raises():
+            return body()
+    except KeyboardInterrupt as err:
+        return interrupted(prog, err)
     except USER_ERRORS as err:
-        if debug or os.environ.get("OMPQ_DEBUG"):
+        if debug:
             raise
-        return fail(f"ompq {command}", err)
+        return fail(prog, err)
+    except Exception as err:  # a bug: say so in one line, keep the traceback one switch away
+        if debug:
+            raise
+        print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)} (a bug in ompq; "
+              "rerun with OMPQ_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """In the main thread, turn SIGTERM into `Terminated` for the block (previous handler
+    restored after)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: Argument names holding input files and output files (with their flags), for `check_paths`.
+INPUT_FILE_ARGS = {"profile": "--profile", "packed": "--packed", "bit_config": "--bit-config",
+                   "report": "report"}
+OUTPUT_FILE_ARGS = {"json": "--json", "onnx": "--onnx", "hawq": "--hawq",
+                    "layer_json": "--layer-json"}
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Before any work: every input file given exists, every output file can be written and is
+    not an input, and a staged `--out` folder (demo, quantize) is empty or `--overwrite`."""
+    from ..outputs import check_output_dir, check_output_file, verify_member
+
+    for attr, flag in INPUT_FILE_ARGS.items():
+        path = getattr(args, attr, None)
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag} {path!r}: no such file or folder")
+    if getattr(args, "packed", None):
+        verify_member(args.packed)  # a packed file inside a folder of another run is refused
+    inputs = [getattr(args, a, None) for a in (*INPUT_FILE_ARGS, "model")]
+    inputs = [p for p in inputs if isinstance(p, str) and os.path.exists(p)]
+    for attr, flag in OUTPUT_FILE_ARGS.items():
+        path = getattr(args, attr, None)
+        if path and path != "-":
+            check_output_file(path, inputs=inputs, what=flag)
+    if getattr(args, "staged_out", False) and getattr(args, "out", None):
+        check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs, what="--out")
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed command under `guard`: its `run(args)` prints tables (on stderr with
-    ``--json -``, so that stdout is pure JSON) and returns its JSON result for `emit_json`."""
+    """Run a parsed command under `guard`: paths checked first, then its `run(args)` prints
+    tables (on stderr with ``--json -``, so that stdout is pure JSON) and returns its JSON
+    result for `emit_json`."""
     def body() -> int:
+        check_paths(args)
         with human_output(getattr(args, "json", None)):
             payload = args.func(args)
         emit_json(getattr(args, "json", None), payload)
@@ -92,13 +172,27 @@ def run_command(args: argparse.Namespace) -> int:
     return guard(args.command, body, getattr(args, "debug", False))
 
 
-def require_onnx(why: str, hint: str = "") -> None:
-    """Fail fast, before any long work, when onnx or onnxruntime is missing: one line saying
-    `why` they are needed and ``pip install onnx onnxruntime`` (plus `hint`)."""
-    missing = missing_modules(ONNX_MODULES)
+def add_out_dir_args(parser: argparse.ArgumentParser, default: Optional[str] = None,
+                     help_text: str = "write the report folder and exports here") -> None:
+    """`--out DIR` written all-or-nothing (`ompq.outputs.staged_dir`) and `--overwrite`."""
+    parser.add_argument("--out", default=default, metavar="DIR",
+                        help=help_text + (f" ({default})" if default else ""))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out folder (it is swapped in only when the "
+                             "run is complete)")
+    parser.set_defaults(staged_out=True)
+
+
+def require(*modules: str, hint: str = "") -> None:
+    """Fail fast, before any long work, when one of `modules` cannot be imported: one line
+    ``<module> is not installed; pip install <pkg>`` (plus `hint`, e.g. a flag that skips the
+    step), a `UsageError` (exit 2)."""
+    missing = missing_modules(modules)
     if missing:
-        raise UsageError(f"{why}; it needs {' and '.join(missing)}: pip install "
-                         f"{' '.join(ONNX_MODULES)}{hint}")
+        verb = "is" if len(missing) == 1 else "are"
+        pkgs = " ".join(PIP_NAMES.get(m, m) for m in missing)
+        raise UsageError(f"{' and '.join(missing)} {verb} not installed; pip install {pkgs}"
+                         f"{hint}")
 
 
 # ============================================================================ argument types
@@ -106,27 +200,36 @@ def _type_error(what: str, text: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
 
 
-def bit_width(text: str) -> int:
-    """One bit-width (argparse type): an integer in 2..16."""
+def _checked(check: Callable[..., Any], *args: Any) -> Any:
+    """`check(*args)` (a validator of `ompq.bitconfig`); its ValueError becomes argparse's
+    one-line error, so the command line says what the library says."""
     try:
-        b = int(text)
+        return check(*args)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _number(text: str, kind: type) -> Any:
+    """`text` as a `kind` (int or float) when it is one, else the stripped text (which the
+    validators then reject by name)."""
+    try:
+        return kind(text)
     except ValueError:
-        raise _type_error(f"a bit-width ({BITS_HELP})", text) from None
-    if not MIN_BITS <= b <= MAX_BITS:
-        raise _type_error(f"a bit-width ({BITS_HELP})", text)
-    return b
+        return text.strip()
+
+
+def _items(text: str) -> list[str]:
+    return [t for t in text.split(",") if t.strip()]
+
+
+def bit_width(text: str) -> int:
+    """One bit-width (argparse type): `check_width`, an integer in 2..16."""
+    return _checked(check_width, _number(text, int))
 
 
 def bits_list(text: str) -> tuple[int, ...]:
-    """Candidate widths (argparse type): ``"2,3,4,8"`` → (2, 3, 4, 8), each in 2..16."""
-    what = f"comma-separated bit-widths ({BITS_HELP}, e.g. 2,3,4,5,6,8)"
-    try:
-        bits = tuple(sorted({int(t) for t in text.replace(" ", "").split(",") if t}))
-    except ValueError:
-        raise _type_error(what, text) from None
-    if not bits or any(not MIN_BITS <= b <= MAX_BITS for b in bits):
-        raise _type_error(what, text)
-    return bits
+    """Candidate widths (argparse type): ``"2,3,4,8"`` → (2, 3, 4, 8), `check_bits`."""
+    return _checked(check_bits, [_number(t, int) for t in _items(text)])
 
 
 def distortion_bits(text: str) -> Optional[tuple[int, ...]]:
@@ -143,37 +246,22 @@ def pin(text: str) -> tuple[str, int]:
 
 
 def budget_list(text: str) -> list[float]:
-    """Budgets (argparse type): comma-separated numbers > 0; several give a Pareto sweep."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise _type_error("comma-separated numbers > 0", text) from None
-    if not values or any(not v > 0 for v in values):
+    """Budgets (argparse type): comma-separated `check_budget` numbers (> 0, finite); several
+    give a Pareto sweep."""
+    values = [_checked(check_budget, _number(v, float), "") for v in _items(text)]
+    if not values:
         raise _type_error("comma-separated numbers > 0", text)
     return values
 
 
 def positive_float(text: str) -> float:
-    """A number > 0 (argparse type), e.g. a size budget in MiB."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise _type_error("a number > 0", text) from None
-    if not value > 0:
-        raise _type_error("a number > 0", text)
-    return value
+    """A budget (argparse type): `check_budget`, a finite number > 0 (e.g. MiB)."""
+    return _checked(check_budget, _number(text, float), "")
 
 
 def avg_bits(text: str) -> float:
-    """Average bits per weight (argparse type): a number in [2, 16]."""
-    what = f"a number in [{MIN_BITS}, {MAX_BITS}] (e.g. 3)"
-    try:
-        value = float(text)
-    except ValueError:
-        raise _type_error(what, text) from None
-    if not MIN_BITS <= value <= MAX_BITS:
-        raise _type_error(what, text)
-    return value
+    """Average bits per weight (argparse type): `check_avg_bits`, a number in [2, 16]."""
+    return _checked(check_avg_bits, _number(text, float), "")
 
 
 def positive_int(text: str) -> int:
@@ -255,7 +343,7 @@ def compute_profile(args: argparse.Namespace, model: Optional[nn.Module] = None,
     if data is None:
         data = resolve_data(data_spec(args.data, args.model), args.split, seed=args.seed)
     print(f"profiling {label} on {data_spec(args.data, args.model)} ({args.num_samples} "
-          f"samples, seed {args.seed})", file=sys.stderr)
+          f"samples, seed {args.seed})")  # human output: stdout, stderr with --json -
     return profile(model, data, num_samples=args.num_samples, seed=args.seed,
                    include=args.include, exclude=args.exclude, feature=args.feature,
                    debiased=args.debiased, device=args.device, progress=args.progress,
@@ -351,6 +439,8 @@ def resolve_data(spec: str, split: str = "test", seed: int = 0) -> Any:
         return torch.utils.data.TensorDataset(x, y)
     from .. import data
 
+    if spec.startswith("imagefolder:"):
+        require("PIL")  # the image decoder
     try:
         ds = data.load_dataset(spec, split)
     except (OSError, ValueError) as err:
@@ -429,7 +519,7 @@ def emit_json(path: Optional[str], payload: Union[str, Mapping[str, Any], Sequen
     if path == "-":
         print(text)
         return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text + "\n", encoding="utf-8")
+    from ..checkpoint import write_text_atomic
+
+    write_text_atomic(text + "\n", path)
     print(f"wrote {path}", file=sys.stderr)

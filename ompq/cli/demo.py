@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..outputs import staged_dir
 from ..pipeline import PipelineConfig, run_pipeline, write_outputs
 from ..ptq import PTQConfig
-from .common import (add_common_args, add_data_arg, add_model_arg, avg_bits, bits_list,
-                     data_spec, nonneg_int, positive_int, print_results, print_table,
-                     require_onnx, resolve_data, resolve_model)
+from ..stages import stage
+from .common import (add_common_args, add_data_arg, add_model_arg, add_out_dir_args, avg_bits,
+                     bits_list, data_spec, nonneg_int, positive_int, print_results, print_table,
+                     require, resolve_data, resolve_model)
 
 #: Default reconstruction effort, sized so the demo (two PTQ runs) ends in < 5 min on 2 cores.
 DEFAULT_ITERS = 300
@@ -57,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true",
                    help="skip the accuracy-against-size sweep (pareto.png then shows the results "
                         "only)")
-    p.add_argument("--out", default="reports/demo", help="report folder (reports/demo)")
+    add_out_dir_args(p, default="reports/demo", help_text="report folder")
     p.add_argument("--fast", action="store_true",
                    help="CI size: few iterations, 1 000 test images (still the real pipeline)")
     add_common_args(p)
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..report import sweep_table_rows
 
     t0 = time.perf_counter()
-    require_onnx("ompq demo writes and checks an ONNX model")
+    require("ortools", "matplotlib", "onnx", "onnxruntime")
     s = _settings(args)
     config = PipelineConfig(
         mode="ptq", avg_bits=args.avg_bits, bits=args.bits, act_bits=8,
@@ -113,8 +115,11 @@ def run(args: argparse.Namespace) -> dict:
         eval_limit=s["sweep_eval"], seed=args.seed, hawq_iters=s["hawq_iters"],
         progress=args.progress)
     out = Path(args.out)
-    facts = write_outputs(out, result, onnx_data=test, onnx_check_limit=s["onnx_check_limit"],
-                          sweep=sweep, progress=args.progress)
+    with stage("writing the report folder"), \
+            staged_dir(out, overwrite=args.overwrite, command="demo") as tmp:
+        facts = write_outputs(tmp, result, onnx_data=test,
+                              onnx_check_limit=s["onnx_check_limit"], sweep=sweep,
+                              progress=args.progress)
     total = time.perf_counter() - t0
     params = CostModel.from_layers(result.profile.layers).total_params
     print(f"ompq demo: {label} on {data}, budget {result.size_budget_mb:.4f} MiB "

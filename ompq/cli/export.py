@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from ..bitconfig import BitConfig, read_bit_config, to_hawq_bit_config, write_layer_json
 from .common import (UsageError, add_common_args, add_data_arg, add_model_arg, data_spec,
-                     positive_int, require_onnx, resolve_data, resolve_model)
+                     positive_int, require, resolve_data, resolve_model)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError("--onnx needs a quantized model: pass --packed FILE (from "
                          "`ompq quantize --out DIR`, DIR/model.ompq)")
     if args.onnx:
-        require_onnx("--onnx writes and checks an ONNX model")
+        checked = (args.check_data or "").lower() != "none"  # the check runs onnxruntime
+        require("onnx", *(["onnxruntime"] if checked else []))
     cfg = _config(args)
     record: dict[str, Any] = {"command": "export"}
     if args.onnx:

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from ..allocate import InfeasibleBudgetError
+from ..outputs import staged_dir
 from ..pipeline import DEFAULT_BITS, PipelineConfig, run_pipeline, write_outputs
 from ..ptq import PTQConfig
 from ..qat import QATConfig
-from .common import (UsageError, add_common_args, add_data_arg, add_model_arg, bit_width,
-                     bits_list, data_spec, nonneg_int, positive_float, positive_int,
-                     print_results, require_onnx, resolve_data, resolve_model)
+from ..stages import stage
+from .common import (UsageError, add_common_args, add_data_arg, add_model_arg, add_out_dir_args,
+                     bit_width, bits_list, data_spec, nonneg_int, positive_float, positive_int,
+                     print_results, require, resolve_data, resolve_model)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,11 +47,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=positive_int, default=None,
                    help="evaluate on the first N only")
     p.add_argument("--uniform", action="store_true", help="also run uniform at the same size")
-    p.add_argument("--out", default=None, help="write the report folder and exports here")
+    add_out_dir_args(p)
     p.add_argument("--no-onnx", action="store_true", help="with --out: skip the ONNX export")
     add_common_args(p)
     p.set_defaults(func=run)
     return p
+
+
+def _require(args: argparse.Namespace) -> None:
+    """The optional modules this run needs, checked before any work: ortools for an
+    allocation, matplotlib for --out's figures, onnx/onnxruntime for its ONNX model."""
+    if args.bit_config is None or args.uniform:
+        require("ortools")
+    if args.out:
+        require("matplotlib")
+        if not args.no_onnx:
+            require("onnx", "onnxruntime", hint=" (or pass --no-onnx)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -57,8 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     records, the BitConfig and the export facts."""
     if args.size_mb is None and args.bops_g is None and args.bit_config is None:
         raise UsageError("give a budget: --size-mb MiB or --bops-g GBOPs (or --bit-config JSON)")
-    if args.out and not args.no_onnx:
-        require_onnx("--out writes and checks an ONNX model", " (or pass --no-onnx)")
+    _require(args)
     config = PipelineConfig(
         mode=args.mode, size_mb=args.size_mb, bops_g=args.bops_g, bits=args.bits,
         act_bits=args.act_bits, profile_samples=args.profile_samples,
@@ -82,7 +94,9 @@ def run(args: argparse.Namespace) -> dict:
     payload: dict[str, Any] = {"command": "quantize", "model": args.model, "data": data,
                                **result.to_dict()}
     if args.out:
-        payload["outputs"] = write_outputs(args.out, result, progress=args.progress,
-                                           onnx_data=None if args.no_onnx else test)
+        with stage("writing the report folder"), \
+                staged_dir(args.out, overwrite=args.overwrite, command="quantize") as tmp:
+            payload["outputs"] = write_outputs(tmp, result, progress=args.progress,
+                                               onnx_data=None if args.no_onnx else test)
         print(f"report: {Path(args.out) / 'report.md'}")
     return payload

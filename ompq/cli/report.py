@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from .common import add_common_args, print_results
+from .common import add_common_args, print_results, require
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -22,10 +23,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Render, print the results table and the written paths; the JSON result lists them."""
+    from ..outputs import refresh_manifest, verify_dir
+    require("matplotlib")
     from ..report import load_report, render_report
 
+    folder = Path(args.report) if Path(args.report).is_dir() else Path(args.report).parent
+    verify_dir(folder)  # refuses a folder that mixes two runs
     data = load_report(args.report)
     pngs, md = render_report(args.report, args.out)
+    if args.out is None:
+        refresh_manifest(folder)  # the redrawn figures belong to the same run
     if data.get("results"):
         print_results(data["results"])
     for p in pngs:
