@@ -34,6 +34,7 @@ _LAZY = {
     "data": ("data", None),
     "bitconfig": ("bitconfig", None),
     "packed": ("packed", None),
+    "runtime": ("runtime", None),
     "onnx_export": ("onnx_export", None),
     "report": ("report", None),
     "proxies": ("proxies", None),

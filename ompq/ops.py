@@ -255,3 +255,83 @@ if _HAS_ADAROUND_REG:
               _adaround_reg_setup_context, _adaround_reg_backward_fake)
 if _HAS_GRAM:
     _register("centered_gram", _gram_fake, _gram_backward, _gram_setup_context)
+
+
+# --- packed low-bit weights: pack_rows, unpack_rows, packed_linear (inference only) ------------
+_HAS_PACK_ROWS = has_op("pack_rows")
+_HAS_UNPACK_ROWS = has_op("unpack_rows")
+_HAS_PACKED_LINEAR = has_op("packed_linear")
+
+
+def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """Pack unsigned codes [rows, K] (integers in [0, 2**bits − 1], bits in 2..8) into uint8
+    [rows, ceil(K/8)·bits], the packed runtime layout of docs/DESIGN.md."""
+    if _HAS_PACK_ROWS:
+        return torch.ops.ompq.pack_rows(codes, bits)
+    return reference.pack_rows(codes, bits)
+
+
+def unpack_rows(packed: Tensor, bits: int, in_features: int, scale: Tensor, offset: Tensor,
+                out: Tensor) -> None:
+    """Write the float32 weight `(u − offset)·scale` [rows, in_features] into `out` (contiguous,
+    out.size(0) = rows, rows·in_features elements: a conv weight's shape works)."""
+    if _HAS_UNPACK_ROWS:
+        torch.ops.ompq.unpack_rows(packed, bits, in_features, scale, offset, out)
+    else:
+        reference.unpack_rows(packed, bits, in_features, scale, offset, out)
+
+
+def packed_linear(x: Tensor, packed: Tensor, bits: int, in_features: int, scale: Tensor,
+                  offset: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`x @ w.T + bias` for float32 x [..., in_features] and the packed weight
+    w = (u − offset)·scale (per-row float32 scale, offset); float32 [..., rows], fp32
+    accumulation. No autograd (inference)."""
+    if _HAS_PACKED_LINEAR:
+        return torch.ops.ompq.packed_linear(x, packed, bits, in_features, scale, offset, bias)
+    return reference.packed_linear(x, packed, bits, in_features, scale, offset, bias)
+
+
+def _check_packed_fake(op: str, packed: Tensor, bits: int, in_features: int, scale: Tensor,
+                       offset: Tensor) -> None:
+    """Shape checks of the packed-op fake kernels (the kernels check everything)."""
+    torch._check(2 <= bits <= 8, lambda: f"ompq.{op}: bits must be an integer in 2..8, got {bits}")
+    torch._check(packed.dim() == 2 and packed.dtype == torch.uint8,
+                 lambda: f"ompq.{op}: packed must be a 2-D uint8 tensor")
+    torch._check(packed.shape[1] == reference.packed_row_bytes(in_features, bits),
+                 lambda: f"ompq.{op}: packed has {packed.shape[1]} bytes per row, but "
+                         f"in_features = {in_features} at {bits} bits needs "
+                         f"{reference.packed_row_bytes(in_features, bits)}")
+    torch._check(scale.numel() == packed.shape[0] and offset.numel() == packed.shape[0],
+                 lambda: f"ompq.{op}: scale and offset need one element per packed row")
+
+
+def _pack_rows_fake(codes: Tensor, bits: int) -> Tensor:
+    torch._check(2 <= bits <= 8, lambda: f"ompq.pack_rows: bits must be an integer in 2..8, "
+                                         f"got {bits}")
+    torch._check(codes.dim() == 2, lambda: "ompq.pack_rows: codes must be 2-D")
+    return codes.new_empty((codes.shape[0], reference.packed_row_bytes(codes.shape[1], bits)),
+                           dtype=torch.uint8)
+
+
+def _unpack_rows_fake(packed: Tensor, bits: int, in_features: int, scale: Tensor,
+                      offset: Tensor, out: Tensor) -> None:
+    _check_packed_fake("unpack_rows", packed, bits, in_features, scale, offset)
+    torch._check(out.numel() == packed.shape[0] * in_features,
+                 lambda: "ompq.unpack_rows: out needs rows x in_features elements")
+    return None
+
+
+def _packed_linear_fake(x: Tensor, packed: Tensor, bits: int, in_features: int, scale: Tensor,
+                        offset: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    _check_packed_fake("packed_linear", packed, bits, in_features, scale, offset)
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_features,
+                 lambda: f"ompq.packed_linear: x must end in in_features = {in_features}")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+if _HAS_PACK_ROWS:
+    _register("pack_rows", _pack_rows_fake)
+if _HAS_UNPACK_ROWS:
+    _register("unpack_rows", _unpack_rows_fake)
+if _HAS_PACKED_LINEAR:
+    _register("packed_linear", _packed_linear_fake)

@@ -1,4 +1,5 @@
-"""Bit-packed checkpoints of quantized models: `save_packed`, `load_packed`, `read_packed_header`.
+"""Bit-packed checkpoints of quantized models: `save_packed`, `load_packed`, `read_packed_header`,
+`read_packed` (header and raw arrays, for `ompq.runtime`).
 
 One file: magic, header length, a SHA-256 of the header, a JSON header (arrays, layer grids,
 module types, the BitConfig, the data blob's length and SHA-256) and a data blob in which every
@@ -409,6 +410,22 @@ def _check_data(path: PathLike, header: dict, nbytes: int, sha256: str) -> None:
         raise _corrupted(path, f"the data checksum does not match ({nbytes} bytes of data)")
 
 
+def read_packed(path: PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, arrays) of a packed checkpoint, read once and verified as `read_packed_header`
+    verifies it (a corrupted or truncated file raises a one-line ValueError naming it).
+
+    `arrays` maps names to writable numpy arrays: per quantized layer ``<layer>.weight:packed``
+    (uint8, the codes ``u = q − qmin`` LSB-first over the flattened weight, see `pack_bits`),
+    ``<layer>.weight:scale`` and ``<layer>.weight:zero_point`` (fp32, per output channel); every
+    other tensor of the saved model's `state_dict` under its key. Nothing is dequantized.
+    """
+    with open(path, "rb") as f:
+        header, _ = _read_header(f, path)
+        raw = f.read()
+    _check_data(path, header, len(raw), hashlib.sha256(raw).hexdigest())
+    return header, _read_arrays(raw, header)
+
+
 def _read_arrays(raw: bytes, header: dict) -> dict[str, np.ndarray]:
     """The arrays of the (checked) header from the data blob `raw`, as writable copies."""
     out = {}
@@ -418,8 +435,10 @@ def _read_arrays(raw: bytes, header: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _materialise(model_factory_or_model: Union[nn.Module, Callable[[], nn.Module], str]
-                 ) -> nn.Module:
+def materialise(model_factory_or_model: Union[nn.Module, Callable[[], nn.Module], str]
+                ) -> nn.Module:
+    """The model itself, the zoo model of that name (untrained weights) or what the callable
+    returns: the architecture a packed checkpoint is loaded into."""
     if isinstance(model_factory_or_model, nn.Module):
         return model_factory_or_model
     if isinstance(model_factory_or_model, str):
@@ -434,13 +453,18 @@ def _materialise(model_factory_or_model: Union[nn.Module, Callable[[], nn.Module
                     f"got {type(model_factory_or_model).__name__}")
 
 
-def _rebuild_structure(model: nn.Module, header: dict) -> None:
-    """Replay BN folding (BN -> Identity) and swap layers for quantized ones, as saved."""
-    types = header["module_types"]
+def replay_bn_folding(model: nn.Module, header: dict) -> None:
+    """Replace, in place, every BatchNorm of `model` that the checkpoint's `header` records as
+    an Identity (folded into its layer before saving) by an `nn.Identity`."""
     current = dict(model.named_modules())
-    for name, tname in types.items():
+    for name, tname in header["module_types"].items():
         if tname == "Identity" and name in current and isinstance(current[name], BN_TYPES):
             set_submodule(model, name, nn.Identity())
+
+
+def _rebuild_structure(model: nn.Module, header: dict) -> None:
+    """Replay BN folding (BN -> Identity) and swap layers for quantized ones, as saved."""
+    replay_bn_folding(model, header)
     current = dict(model.named_modules())
     missing = [n for n in header["layers"] if n not in current]
     if missing:
@@ -477,12 +501,8 @@ def load_packed(path: PathLike, model_factory_or_model: Union[nn.Module, Callabl
     Returns:
         The fake-quant model in eval mode; its outputs equal the saved model's exactly (fp32).
     """
-    with open(path, "rb") as f:
-        header, _ = _read_header(f, path)
-        raw = f.read()
-    _check_data(path, header, len(raw), hashlib.sha256(raw).hexdigest())
-    arrays = _read_arrays(raw, header)
-    model = _materialise(model_factory_or_model).cpu()
+    header, arrays = read_packed(path)
+    model = materialise(model_factory_or_model).cpu()
     _rebuild_structure(model, header)
     state = {k: torch.from_numpy(v) for k, v in arrays.items() if ":" not in k}
     ref_sd = model.state_dict()

@@ -237,3 +237,160 @@ def centered_gram(x: Tensor) -> Tensor:
         raise ValueError("centered_gram: the input contains NaN or Inf (or values so large that "
                          "the fp32 Gram overflows); clean or rescale the features first")
     return g
+
+
+# --- packed low-bit weights (pack_rows, unpack_rows, packed_linear) ------------------------------
+# Layout (docs/DESIGN.md, "Packed runtime layout"): row r holds K = in_features codes
+# u in [0, 2**b - 1] zero-padded to K8 = ceil(K/8)·8; every 8 consecutive codes form a group of b
+# bytes, code j at bits [j·b, (j+1)·b) of the little-endian b-byte integer; uint8 [rows, K8·b/8].
+# Weight: w[r, k] = scale[r] · (u[r, k] − offset[r]). The checks raise the C++ kernels' messages.
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    """Bytes of one packed row: `ceil(in_features / 8) · bits`."""
+    return (in_features + 7) // 8 * bits
+
+
+def _check_bits(op: str, bits: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"ompq.{op}: bits must be an integer in 2..8, got {bits}")
+
+
+def _check_packed(op: str, packed: Tensor, bits: int, in_features: int, scale: Tensor,
+                  offset: Tensor) -> int:
+    """The C++ `packed::check_packed` (same order, types and messages); returns the row count."""
+    _check_bits(op, bits)
+    if in_features < 0:
+        raise ValueError(f"ompq.{op}: in_features must be >= 0, got {in_features}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"ompq.{op}: packed must be a uint8 tensor (the packed codes), got "
+                        f"{_c10_dtype(packed.dtype)}")
+    if packed.dim() != 2:
+        raise ValueError(f"ompq.{op}: packed must be 2-D [out_rows, bytes_per_row], got a "
+                         f"{packed.dim()}-D tensor of shape {list(packed.shape)}")
+    rows, rb = packed.shape[0], packed_row_bytes(in_features, bits)
+    if packed.shape[1] != rb:
+        raise ValueError(f"ompq.{op}: packed has {packed.shape[1]} bytes per row, but "
+                         f"in_features = {in_features} at {bits} bits needs ceil({in_features} "
+                         f"/ 8) * {bits} = {rb} bytes per row; pack the weight with "
+                         f"pack_rows(codes, {bits})")
+    if not packed.is_contiguous():
+        raise ValueError(f"ompq.{op}: packed must be contiguous (rows of {rb} bytes back to "
+                         "back); call .contiguous() once when building the layer")
+    for name, t in (("scale", scale), ("offset", offset)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"ompq.{op}: {name} must be float32, got {_c10_dtype(t.dtype)}")
+    if scale.numel() != rows:
+        raise ValueError(f"ompq.{op}: scale has {scale.numel()} elements but packed has {rows} "
+                         "rows (one scale per output row)")
+    if offset.numel() != rows:
+        raise ValueError(f"ompq.{op}: offset has {offset.numel()} elements but packed has "
+                         f"{rows} rows (one offset = zero_point - qmin per output row)")
+    if scale.device != packed.device or offset.device != packed.device:
+        raise ValueError(f"ompq.{op}: scale ({scale.device}) and offset ({offset.device}) must "
+                         f"be on the device of packed ({packed.device})")
+    return rows
+
+
+def _c10_dtype(dtype: torch.dtype) -> str:
+    """The dtype as C++ prints it in the kernels' messages (Float, Double, Byte, Int, Long...)."""
+    names = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+             torch.bfloat16: "BFloat16", torch.uint8: "Byte", torch.int8: "Char",
+             torch.int16: "Short", torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool"}
+    return names.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
+    """The int64 codes [rows, in_features] of a packed tensor (no checks; any device)."""
+    rows = packed.shape[0]
+    groups = packed.shape[1] // bits
+    dev = packed.device
+    b = packed.reshape(rows, groups, bits).to(torch.int64)
+    word = (b << (8 * torch.arange(bits, device=dev))).sum(-1)
+    codes = (word[..., None] >> (bits * torch.arange(8, device=dev))) & (2 ** bits - 1)
+    return codes.reshape(rows, groups * 8)[:, :in_features]
+
+
+def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """Pack unsigned codes [rows, K] (integers in [0, 2**bits − 1]) into uint8
+    [rows, ceil(K/8)·bits] (layout above). Raises ValueError for bits outside 2..8 or a code out
+    of range (naming it and its position), TypeError for non-integer codes."""
+    _check_bits("pack_rows", bits)
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError("ompq.pack_rows: codes must be an integer tensor (uint8, int32 or "
+                        f"int64), got {_c10_dtype(codes.dtype)}")
+    if codes.dim() != 2:
+        raise ValueError(f"ompq.pack_rows: codes must be 2-D [out_rows, in_features], got a "
+                         f"{codes.dim()}-D tensor of shape {list(codes.shape)}")
+    c = codes.to(torch.int64)
+    maxv = 2 ** bits - 1
+    bad = (c < 0) | (c > maxv)
+    if bool(bad.any()):
+        r, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"ompq.pack_rows: codes must lie in [0, {maxv}] for {bits} bits "
+                         f"(u = q - qmin), got {int(c[r, k])} at [{r}, {k}]")
+    rows, k = c.shape
+    groups = (k + 7) // 8
+    dev = c.device
+    c = torch.nn.functional.pad(c, (0, groups * 8 - k)).reshape(rows, groups, 8)
+    word = (c << (bits * torch.arange(8, device=dev))).sum(-1)
+    out = (word[..., None] >> (8 * torch.arange(bits, device=dev))) & 255
+    return out.to(torch.uint8).reshape(rows, groups * bits)
+
+
+def dequantize_rows(packed: Tensor, bits: int, in_features: int, scale: Tensor,
+                    offset: Tensor) -> Tensor:
+    """The float32 weight [rows, in_features] `(u − offset) · scale` of a packed tensor."""
+    _check_packed("unpack_rows", packed, bits, in_features, scale, offset)
+    u = unpack_codes(packed, bits, in_features).to(torch.float32)
+    return (u - offset.reshape(-1, 1)) * scale.reshape(-1, 1)
+
+
+def unpack_rows(packed: Tensor, bits: int, in_features: int, scale: Tensor, offset: Tensor,
+                out: Tensor) -> None:
+    """Write the dequantized float32 weight `(u − offset) · scale` ([rows, in_features]) into
+    `out`: float32, contiguous, out.size(0) = rows and rows·in_features elements (any trailing
+    shape, e.g. a conv weight's)."""
+    rows = _check_packed("unpack_rows", packed, bits, in_features, scale, offset)
+    if out.dtype != torch.float32:
+        raise TypeError(f"ompq.unpack_rows: out must be float32, got {_c10_dtype(out.dtype)}")
+    if out.dim() < 1 or out.shape[0] != rows or out.numel() != rows * in_features:
+        raise ValueError(f"ompq.unpack_rows: out has shape {list(out.shape)} but the weight is "
+                         f"{rows} x {in_features} (out.size(0) must be {rows} and out.numel() "
+                         f"{rows * in_features})")
+    if not out.is_contiguous():
+        raise ValueError("ompq.unpack_rows: out must be contiguous")
+    if out.device != packed.device:
+        raise ValueError(f"ompq.unpack_rows: out is on {out.device} but packed is on "
+                         f"{packed.device}")
+    with torch.no_grad():
+        out.copy_(dequantize_rows(packed, bits, in_features, scale, offset).reshape(out.shape))
+
+
+def packed_linear(x: Tensor, packed: Tensor, bits: int, in_features: int, scale: Tensor,
+                  offset: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`x @ w.T + bias` with the packed weight w = (u − offset)·scale: x float32 [..., K] →
+    float32 [..., rows]."""
+    op = "packed_linear"
+    rows = _check_packed(op, packed, bits, in_features, scale, offset)
+    if bias is not None:
+        if bias.dtype != torch.float32:
+            raise TypeError(f"ompq.{op}: bias must be float32, got {_c10_dtype(bias.dtype)}")
+        if bias.numel() != rows:
+            raise ValueError(f"ompq.{op}: bias has {bias.numel()} elements but packed has "
+                             f"{rows} rows (one bias per output row)")
+        if bias.device != packed.device:
+            raise ValueError(f"ompq.{op}: bias is on {bias.device} but packed is on "
+                             f"{packed.device}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"ompq.{op}: x must be float32, got {_c10_dtype(x.dtype)} (convert "
+                        "with .float())")
+    if x.dim() < 1:
+        raise ValueError(f"ompq.{op}: x must have at least 1 dimension, got a 0-D tensor")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"ompq.{op}: x has {x.shape[-1]} features in its last dimension "
+                         f"(shape {list(x.shape)}) but in_features = {in_features}")
+    if x.device != packed.device:
+        raise ValueError(f"ompq.{op}: x is on {x.device} but packed is on {packed.device}; put "
+                         "all tensors on one device")
+    w = dequantize_rows(packed, bits, in_features, scale, offset)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.reshape(-1))

@@ -36,7 +36,7 @@ import torch
 import ompq.ops
 ops = ["fake_quant", "fake_quant_backward", "lsq_fake_quant", "lsq_fake_quant_backward",
        "adaround_fake_quant", "adaround_fake_quant_backward", "adaround_reg",
-       "adaround_reg_backward", "centered_gram"]
+       "adaround_reg_backward", "centered_gram", "pack_rows", "unpack_rows", "packed_linear"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ompq::{o}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for all", len(ops), "ops")
@@ -52,7 +52,7 @@ if [ "$MEMCHECK_S" != 0 ] && command -v compute-sanitizer > /dev/null; then
   stamp "memcheck of a few CUDA tests (at most $MEMCHECK_S s)"
   timeout "$MEMCHECK_S" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$PY" -m pytest -q -p no:cacheprovider -x tests/test_ops_cuda.py \
-    -k "layouts or many_channels or noncontiguous or float64 or adaround_matches or gram_matches" \
+    -k "layouts or many_channels or noncontiguous or float64 or adaround_matches or gram_matches or packed_cuda_misaligned" \
     > "$DEST/memcheck.log" 2>&1
   echo "memcheck exit status $? (0 clean, 9 errors found, 124 timed out)"
   grep -m 20 "=========" "$DEST/memcheck.log" || true
@@ -61,7 +61,8 @@ fi
 if [ "$CPU_TESTS_S" != 0 ]; then
   stamp "CPU kernel tests (at most $CPU_TESTS_S s)"
   timeout "$CPU_TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short \
-    tests/test_ops_fake_quant.py tests/test_ops_gram_adaround.py > "$DEST/pytest_cpu.log" 2>&1
+    tests/test_ops_fake_quant.py tests/test_ops_gram_adaround.py tests/test_ops_packed.py \
+    > "$DEST/pytest_cpu.log" 2>&1
   echo "CPU tests exit status $? (124: timed out)"; tail -3 "$DEST/pytest_cpu.log"
 fi
 rm -rf .hypothesis

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .common import EXIT_USAGE, ArgumentParser, UsageError, fail, run_command
 
-COMMANDS = ["demo", "quantize", "eval", "export", "report", "profile", "allocate"]
+COMMANDS = ["demo", "quantize", "eval", "bench", "export", "report", "profile", "allocate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -264,6 +264,14 @@ def avg_bits(text: str) -> float:
     return _checked(check_avg_bits, _number(text, float), "")
 
 
+def positive_int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated integers > 0 (argparse type): ``"1,64"`` → (1, 64), in the given order."""
+    values = tuple(_int_at_least(t.strip(), 1) for t in _items(text))
+    if not values:
+        raise _type_error("comma-separated integers >= 1", text)
+    return values
+
+
 def positive_int(text: str) -> int:
     """An integer > 0 (argparse type)."""
     return _int_at_least(text, 1)
