@@ -171,16 +171,13 @@ def read_manifest(folder: PathLike) -> Optional[dict[str, Any]]:
     return doc
 
 
-def verify_dir(folder: PathLike, *, require: bool = False) -> Optional[dict[str, Any]]:
+def verify_dir(folder: PathLike) -> Optional[dict[str, Any]]:
     """Check that every file the manifest of `folder` lists is there, unchanged: ValueError
-    naming the first mismatch (a folder mixing two runs). No manifest: None, or ValueError when
-    `require`."""
+    naming the first mismatch (a folder mixing two runs). Returns the manifest, or None when
+    the folder has none (nothing to check against)."""
     folder = Path(folder)
     doc = read_manifest(folder)
     if doc is None:
-        if require:
-            raise ValueError(f"{str(folder)!r} has no {MANIFEST}: it was not written by "
-                             "`ompq quantize/demo --out`; write it again with them")
         return None
     for name, entry in doc["files"].items():
         _check_entry(folder, name, entry)

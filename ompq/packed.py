@@ -278,17 +278,19 @@ def _check_bits_match(layers: Sequence[tuple[str, nn.Module]], cfg: BitConfig) -
 
 
 # ============================================================================ reading and checks
-def read_packed_header(path: PathLike) -> tuple[dict, int]:
+def read_packed_header(path: PathLike, *, data: bool = True) -> tuple[dict, int]:
     """(header dict, byte offset of the data blob) of a packed checkpoint, after checking the
-    whole file: magic, header checksum, JSON, format/version, array bounds and the data length
-    and checksum (version-1 files carry no checksums: only their structure is checked).
+    magic, header checksum, JSON, format/version and array bounds, and with `data` the data
+    length and checksum too (False: for a caller that loads the file next, which checks them;
+    version-1 files carry no checksums: only their structure is checked).
 
     Raises:
         ValueError: one line naming the file, what is wrong and the fix.
     """
     with open(path, "rb") as f:
         header, start = _read_header(f, path)
-        _check_data(path, header, *_sha256_of_rest(f))
+        if data:
+            _check_data(path, header, *_sha256_of_rest(f))
     return header, start
 
 

@@ -197,7 +197,10 @@ class PackedLayer(nn.Module):
     @classmethod
     def from_layer(cls, layer: nn.Module, weight: PackedWeight, bias: Optional[Tensor],
                    act_quantizer: Optional[nn.Module]) -> "PackedLayer":
-        raise NotImplementedError
+        """The packed layer of `layer`; each concrete class (PackedLinear, PackedConvNd,
+        PackedCustomLayer) defines it. `pack_layer` picks the class for a layer."""
+        raise TypeError(f"{cls.__name__} is abstract: use PackedLinear, PackedConv1d/2d/3d or "
+                        "PackedCustomLayer (ompq.runtime.pack_layer picks the right one)")
 
     @classmethod
     def from_float(cls, layer: nn.Module, bits: int, *, symmetric: bool = False,

@@ -70,5 +70,5 @@ def _load_packed(path: str, model: Any, fake_quant: bool) -> tuple[Any, dict]:
     from ..packed import load_packed, read_packed_header
     from ..runtime import load
 
-    header, _ = read_packed_header(path)
+    header, _ = read_packed_header(path, data=False)  # the load below checks the data
     return (load_packed(path, model) if fake_quant else load(path, model)), header

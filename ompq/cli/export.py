@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any, Optional
 
 from ..bitconfig import BitConfig, read_bit_config, to_hawq_bit_config, write_layer_json
+from ..checkpoint import write_text_atomic
 from .common import (UsageError, add_common_args, add_data_arg, add_model_arg, data_spec,
                      positive_int, require, resolve_data, resolve_model)
 
@@ -42,7 +42,7 @@ def _config(args: argparse.Namespace) -> Optional[BitConfig]:
         return read_bit_config(args.bit_config)
     from ..packed import read_packed_header
 
-    header, _ = read_packed_header(args.packed)
+    header, _ = read_packed_header(args.packed, data=not args.onnx)  # --onnx loads (and checks)
     return BitConfig.from_json(header["bit_config"]) if header.get("bit_config") else None
 
 
@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         if cfg is None:
             raise UsageError(f"{args.packed!r} carries no BitConfig; pass --bit-config JSON")
         if args.hawq:
-            Path(args.hawq).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.hawq).write_text(json.dumps(to_hawq_bit_config(cfg), indent=1))
+            write_text_atomic(json.dumps(to_hawq_bit_config(cfg), indent=1), args.hawq)
             print(f"HAWQ bit_config: {args.hawq}")
             record["hawq"] = args.hawq
         if args.layer_json:
