@@ -9,6 +9,12 @@ weights (512×512×3×3, per channel, 4 bits; 9.4 MB, cache-resident on large GP
 activations (64×64×56×56, per tensor, 8 bits; 51 MB), plus 256×64×56×56 activations (205 MB,
 well past any L2) per tensor and per channel (axis 1), where the bandwidth figure is meaningful.
 
+The Gram tables time `centered_gram` against centring plus `xc @ xc.T`, then its two CUDA
+implementations at large D (N×D = 64×200 000, 256×200 000, 64×1 000 000; fp32 and bf16; post-ReLU
+and mean-1000 features): the tiled kernel (`OMPQ_CUDA_GRAM=tiled`), the cuBLAS path
+(`centered_gram_mm`), `centered_gram`'s own choice and a plain uncentred `torch.mm` (the target:
+the Gram at least as fast as that product), each with its error against an fp64 Gram.
+
 Each case runs `--reps` times between two CUDA events; cases interleave (A B C … A B C …) for
 `--rounds` rounds and the table quotes medians. `--device cpu` runs the same code with wall-clock
 timing (a dry run of the script; the bandwidth columns then mean little).
@@ -193,6 +199,59 @@ def gram_table(n: int, d: int, args: argparse.Namespace, device: torch.device) -
     return {"n": n, "d": d, "rows": rows}
 
 
+def plain_mm(x: torch.Tensor) -> torch.Tensor:
+    """The bare cuBLAS product x @ x.T (uncentred) with fp32 output: the speed target."""
+    if x.dtype != torch.float32:
+        try:
+            return torch.mm(x, x.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=) or not on this device
+            return x @ x.T
+    return x @ x.T
+
+
+def _forced_gram(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ops.centered_gram with its CUDA implementation forced (OMPQ_CUDA_GRAM, read per call)."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        os.environ["OMPQ_CUDA_GRAM"] = path
+        try:
+            return ops.centered_gram(x)
+        finally:
+            del os.environ["OMPQ_CUDA_GRAM"]
+    return run
+
+
+def gram_mm_table(n: int, d: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """centered_gram's two CUDA paths at large D: the tiled kernel, the cuBLAS path
+    (centered_gram_mm) and centered_gram's own choice, against a plain torch.mm, in fp32 and
+    bf16, with errors against an fp64 Gram. Post-ReLU features (one pass of the GEMM path) and
+    features with a mean of 1000 (its second, centred pass)."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    z = torch.randn(n, d, generator=gen, device=device)
+    rows = []
+    print(f"\ncentered_gram paths, N = {n}, D = {d} (times in us; errors vs fp64)")
+    print(f"{'data':7s} {'dtype':9s} {'tiled':>9s} {'mm':>9s} {'auto':>9s} {'torch.mm':>9s} "
+          f"{'mm/torch':>9s} {'err tiled':>9s} {'err mm':>9s}")
+    for data, base in (("relu", z.relu()), ("mean1e3", z + 1000.0)):
+        for dt in (torch.float32, torch.bfloat16):
+            x = base.to(dt)
+            ref = fp64_gram(x)
+            tiled, mm = _forced_gram("tiled"), ops.centered_gram_mm
+            med = interleaved({"tiled": lambda: tiled(x), "mm": lambda: mm(x),
+                               "auto": lambda: ops.centered_gram(x),
+                               "torch.mm": lambda: plain_mm(x)}, args.rounds, args.reps, device)
+            row = {"data": data, "dtype": str(dt).replace("torch.", ""),
+                   **{f"{k}_us": v * 1e6 for k, v in med.items()},
+                   "mm_over_torch_mm": med["mm"] / med["torch.mm"],
+                   "tiled_rel_err": rel_err(tiled(x), ref), "mm_rel_err": rel_err(mm(x), ref)}
+            rows.append(row)
+            print(f"{data:7s} {row['dtype']:9s} {row['tiled_us']:9.1f} {row['mm_us']:9.1f} "
+                  f"{row['auto_us']:9.1f} {row['torch.mm_us']:9.1f} "
+                  f"{row['mm_over_torch_mm']:8.2f}x {row['tiled_rel_err']:9.1e} "
+                  f"{row['mm_rel_err']:9.1e}")
+            del x, ref
+    return {"n": n, "d": d, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
@@ -232,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         result["fake_quant"][title] = fake_quant_table(title, x, axis, qmin, qmax, args, peak)
     del big
     result["gram"] = gram_table(64, 200_000, args, device)
+    # Tiled vs cuBLAS path vs torch.mm at large D (a CPU dry run uses D / 50).
+    sizes = [(64, 200_000), (256, 200_000), (64, 1_000_000)]
+    if device.type != "cuda":
+        sizes = [(n, d // 50) for n, d in sizes]
+    result["gram_paths"] = [gram_mm_table(n, d, args, device) for n, d in sizes]
     write_json(args.json, result)
     return 0
 

@@ -21,7 +21,6 @@ import ctypes.util
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,27 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from ompq import ops
-from _results import write_json  # benchmarks/_results.py: this folder is on sys.path
+from _results import cpu_name, write_json  # benchmarks/_results.py: this folder is on sys.path
 
 N = K = 4096
 WIDTHS = (2, 3, 4, 5, 6, 8)
 MIB = 2 ** 20
-
-
-def cpu_name() -> str:
-    """The CPU model and its widest vector ISA, from /proc/cpuinfo (the platform elsewhere)."""
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line
-    except OSError:
-        pass
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    return f"{name} ({isa})" if isa else name
 
 
 # ----------------------------------------------------------------------------- linear cases

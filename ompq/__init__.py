@@ -42,6 +42,8 @@ _LAZY = {
     "pipeline": ("pipeline", None),
     "objectives": ("objectives", None),
     "distortion": ("distortion", None),
+    "inputs": ("inputs", None),
+    "distributed": ("distributed", None),
 }
 
 

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from .inputs import (Inputs, cat_rows, is_inputs, map_tensors, num_rows, slice_rows,
+                     stack_items, take_rows)
+
 __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -40,6 +43,12 @@ __all__ = [
     "imagefolder",
     "load_dataset",
     "sample_inputs",
+    "draw_sample",
+    "Sample",
+    "split_labels",
+    "LabelledRows",
+    "labelled_dataset",
+    "labelled_batches",
     "iter_batches",
     "draw_indices",
     "make_loader",
@@ -263,19 +272,27 @@ def load_dataset(spec: str, split: str = "test", **imagefolder_kwargs) -> Datase
     raise DatasetError(f"unknown dataset spec {spec!r}; valid: {_VALID_SPECS}")
 
 
-def _item_input(item: Any) -> torch.Tensor:
-    """The input of one dataset item or batch: ``x`` itself or the first element of ``(x, y, …)``,
-    as a tensor (array-likes are converted). Dicts and other types raise TypeError."""
+def _as_entry(v: Any, key: str) -> Any:
+    """A dataset item's entry as a tensor (array-likes converted; None/bool pass through)."""
+    if isinstance(v, torch.Tensor) or v is None or isinstance(v, bool):
+        return v
+    try:
+        return torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"dataset items must hold tensors (or arrays), got {type(v).__name__} "
+                        f"for {key}") from err
+
+
+def _item_input(item: Any) -> Inputs:
+    """The inputs of one dataset item or batch: ``x`` itself, or the first element of
+    ``(x, y, …)``, where x is a tensor, a dict of tensors or a tuple of tensors (array-likes are
+    converted)."""
     x = item[0] if isinstance(item, (tuple, list)) else item
     if isinstance(x, dict):
-        raise TypeError("dataset items must be a tensor x or a tuple (x, y), got a dict")
-    if isinstance(x, torch.Tensor):
-        return x
-    try:
-        return torch.as_tensor(x)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"dataset items must be tensors or (tensor, label) pairs, got "
-                        f"{type(x).__name__}") from err
+        return {k: _as_entry(v, repr(k)) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_as_entry(v, f"#{k}") for k, v in enumerate(x))
+    return _as_entry(x, "the input")
 
 
 def draw_indices(count: int, n: int, seed: int) -> torch.Tensor:
@@ -286,7 +303,7 @@ def draw_indices(count: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(count, generator=gen)[:n]
 
 
-def _stack_items(dataset: Any, idx: torch.Tensor) -> torch.Tensor:
+def _stack_items(dataset: Any, idx: torch.Tensor) -> Inputs:
     """Stack the inputs of ``dataset[i]`` for ``i`` in ``idx`` (a 1-D index tensor, in that
     order; a TensorDataset is indexed directly, and indexing by a 1-D tensor copies, so the
     result never aliases the dataset)."""
@@ -295,37 +312,53 @@ def _stack_items(dataset: Any, idx: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"idx must be a 1-D tensor of indices, got shape {tuple(idx.shape)}")
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0][idx]
-    return torch.stack([_item_input(dataset[int(i)]) for i in idx])
+    return stack_items([_item_input(dataset[int(i)]) for i in idx])
 
 
-def _read_batches(batches: Any, n: int) -> tuple[Optional[torch.Tensor], int]:
-    """Concatenate the inputs of an iterable of batches (tensors or ``(x, y)``) until they hold at
+def _read_batches(batches: Any, n: int) -> tuple[Optional[Inputs], int]:
+    """Concatenate the inputs of an iterable of batches (inputs or ``(x, y)``) until they hold at
     least ``n`` samples; returns the pool (None when there were no batches) and its size."""
     out, have = [], 0
     for batch in batches:
         x = _item_input(batch)
-        if x.dim() == 0:
-            raise ValueError("each batch must have the batch on dim 0")
         out.append(x)
-        have += x.shape[0]
+        have += num_rows(x, "each batch")
         if have >= n:
             break
-    return (torch.cat(out) if out else None), have
+    return (cat_rows(out) if out else None), have
 
 
-_VALID_DATA = ("give at least 1 sample: a tensor N × … (N ≥ 1), an (inputs, labels) pair, a "
-               "non-empty Dataset or an iterable of non-empty batches")
-_VALID_TYPES = ("inputs must be a tensor (N×...), an (inputs, labels) pair of tensors, a Dataset "
-                "(items x or (x, y)) or an iterable of batches")
+_VALID_DATA = ("give at least 1 sample: inputs with N ≥ 1 rows (a tensor, a dict or tuple of "
+               "tensors), an (inputs, labels) pair, a non-empty Dataset or an iterable of "
+               "non-empty batches")
+_VALID_TYPES = ("inputs must be a tensor (N×...), a dict of tensors with N rows (keyword "
+                "inputs), an (inputs, labels) pair, a Dataset (items x or (x, y)) or an iterable "
+                "of batches")
+
+
+def split_labels(data: Any) -> tuple[Any, Optional[torch.Tensor]]:
+    """``(inputs, labels)`` of an ``(inputs, labels, …)`` pair, ``(data, None)`` for anything
+    else. A pair is a tuple/list whose first element is an inputs structure (a tensor, a dict of
+    tensors, or a tuple of positional tensors) and whose other elements are tensors."""
+    if isinstance(data, (tuple, list)) and data and is_inputs(data[0]) \
+            and all(isinstance(v, torch.Tensor) for v in data[1:]) \
+            and not (isinstance(data[0], (tuple, list)) and len(data) == 1 and isinstance(data,
+                                                                                     list)):
+        return data[0], (data[1] if len(data) > 1 else None)
+    return data, None
 
 
 def _kind(data: Any) -> tuple[str, Any]:
-    """("tensor", inputs), ("dataset", data) or ("batches", data): how `data` is read."""
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        data = data[0]  # (inputs, labels, …): the first element holds the inputs
-    if isinstance(data, torch.Tensor):
-        return "tensor", data
-    if isinstance(data, (str, bytes, dict)):
+    """("rows", inputs), ("dataset", data) or ("batches", data): how `data` is read."""
+    inputs, _ = split_labels(data)
+    if inputs is not data and isinstance(inputs, (tuple, list)):
+        return "rows", inputs  # ((a, b), labels): positional inputs with N rows
+    data = inputs
+    if isinstance(data, (torch.Tensor, dict)):
+        if isinstance(data, dict) and not is_inputs(data):
+            raise TypeError(f"{_VALID_TYPES}; got a dict without tensors")
+        return "rows", data
+    if isinstance(data, (str, bytes)):
         raise TypeError(f"{_VALID_TYPES}, got {type(data).__name__}")
     if isinstance(data, (tuple, list)):
         return "batches", data
@@ -376,76 +409,158 @@ def _draw(count: int, num_samples: int, seed: int, keep_order: bool) -> torch.Te
     return idx.sort().values if keep_order else idx
 
 
-def _sample_tensor(x: torch.Tensor, num_samples: int, seed: int, keep_order: bool,
-                   strict: bool) -> torch.Tensor:
-    count = x.shape[0] if x.dim() else 0
-    _check_count(count, num_samples, strict, f"the tensor holds {count} samples along dim 0",
-                 f"a tensor of shape {tuple(x.shape)}")
-    return x[_draw(count, num_samples, seed, keep_order).to(x.device)]
+class Sample:
+    """The drawn samples of some data, materialised only on demand (`rows`).
+
+    ``len(sample)`` is the number drawn; ``sample.rows(start, stop)`` stacks samples
+    ``start:stop`` into one inputs structure (a tensor, tuple or dict). Tensors, dicts and
+    Datasets are read lazily, so a profile over micro-batches holds one micro-batch at a time;
+    a stream of batches is read into memory first (it cannot be indexed).
+    """
+
+    def __init__(self, source: Any, idx: torch.Tensor, dataset: bool) -> None:
+        self.source, self.idx, self.dataset = source, idx, dataset
+
+    def __len__(self) -> int:
+        return int(self.idx.numel())
+
+    def rows(self, start: int = 0, stop: Optional[int] = None) -> Inputs:
+        """Samples ``start:stop`` (all by default), in the drawn order."""
+        part = self.idx[start:stop]
+        if self.dataset:
+            return _stack_items(self.source, part)
+        return take_rows(self.source, part)
 
 
-def _sample_dataset(dataset: Any, num_samples: int, seed: int, keep_order: bool,
-                    strict: bool) -> torch.Tensor:
-    count = len(dataset)
-    _check_count(count, num_samples, strict, f"the dataset holds {count} samples",
-                 "a Dataset of length 0")
-    return _stack_items(dataset, _draw(count, num_samples, seed, keep_order))
-
-
-def _sample_batches(batches: Any, num_samples: int, seed: int, keep_order: bool,
-                    strict: bool) -> torch.Tensor:
-    pool, have = _read_batches(batches, num_samples)
+def draw_sample(data: Any, num_samples: int, seed: int = 0, *, keep_order: bool = False,
+                strict: bool = False) -> Sample:
+    """Draw ``num_samples`` samples of ``data`` (see `sample_inputs`) without materialising them."""
+    num_samples = _check_num_samples(num_samples)
+    kind, src = _kind(data)
+    if kind == "rows":
+        count = num_rows(src, "inputs")
+        what = "tensor" if isinstance(src, torch.Tensor) else "dict of inputs"
+        _check_count(count, num_samples, strict, f"the {what} holds {count} samples along dim 0",
+                     f"a {what} with 0 rows")
+        return Sample(src, _draw(count, num_samples, seed, keep_order), False)
+    if kind == "dataset":
+        count = len(src)
+        _check_count(count, num_samples, strict, f"the dataset holds {count} samples",
+                     "a Dataset of length 0")
+        return Sample(src, _draw(count, num_samples, seed, keep_order), True)
+    pool, have = _read_batches(src, num_samples)
     _check_count(have, num_samples, strict, f"the batches hold {have} samples",
                  "it yielded " + ("no batches" if pool is None else "batches of 0 samples"))
-    if not keep_order:
-        return pool[:num_samples]
-    return pool[_draw(have, num_samples, seed, True).to(pool.device)]
+    idx = _draw(have, num_samples, seed, True) if keep_order else \
+        torch.arange(min(have, num_samples))
+    return Sample(pool, idx, False)
 
 
 def sample_inputs(data: Any, num_samples: int, seed: int = 0, *, keep_order: bool = False,
-                  strict: bool = False) -> torch.Tensor:
-    """Draw ``num_samples`` inputs (a tensor N × …) without replacement, seeded by ``seed``.
+                  strict: bool = False) -> Inputs:
+    """Draw ``num_samples`` inputs without replacement, seeded by ``seed``.
 
-    ``data``: a tensor N × …; an ``(inputs, labels, …)`` tuple/list of tensors (the first is
-    used); a map-style Dataset (items ``x`` or ``(x, y, …)``), sampled through `draw_indices`;
-    or an iterable of batches (tensors or ``(x, y)``, e.g. a DataLoader or a list), read until it
-    holds ``num_samples``. ``keep_order``: the samples keep their order in the data (sorted
-    indices) and a stream's samples are drawn from everything read; otherwise they come in draw
-    order and a stream gives its first ``num_samples``. ``strict``: too few samples raise
-    ValueError (the profiler's policy); otherwise (the calibration policy) they warn, at the
-    first line outside ompq, and are all used, and empty data raises ValueError. The global RNG
-    is not used: the same ``seed`` gives the same samples.
+    ``data``: inputs with N rows (a tensor N × …, a dict of such tensors for keyword inputs);
+    an ``(inputs, labels, …)`` pair (the labels are not used; ``((a, b), labels)`` gives
+    positional inputs); a map-style Dataset (items ``x`` or ``(x, y, …)``, x any inputs
+    structure), sampled through `draw_indices`; or an iterable of batches (inputs or
+    ``(x, y)``, e.g. a DataLoader or a list), read until it holds ``num_samples``. The same rows
+    are drawn from every entry of a dict or tuple. ``keep_order``: the samples keep their order
+    in the data (sorted indices) and a stream's samples are drawn from everything read;
+    otherwise they come in draw order and a stream gives its first ``num_samples``. ``strict``:
+    too few samples raise ValueError (the profiler's policy); otherwise (the calibration policy)
+    they warn, at the first line outside ompq, and are all used, and empty data raises
+    ValueError. The global RNG is not used: the same ``seed`` gives the same samples. Returns
+    the same structure as the data's inputs, with ``num_samples`` rows.
     """
-    num_samples = _check_num_samples(num_samples)
-    kind, src = _kind(data)
-    sampler = {"tensor": _sample_tensor, "dataset": _sample_dataset,
-               "batches": _sample_batches}[kind]
-    return sampler(src, num_samples, seed, keep_order, strict)
+    return draw_sample(data, num_samples, seed, keep_order=keep_order, strict=strict).rows()
 
 
 def iter_batches(data: Any, batch_size: int,
-                 limit: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Input batches (tensors of at most ``batch_size`` samples) of the first ``limit`` samples
-    (all by default), in order, of a tensor, an ``(inputs, labels)`` pair or a map-style Dataset.
-    Tensors and TensorDatasets are sliced (views), other Datasets stacked item by item."""
+                 limit: Optional[int] = None) -> Iterator[Inputs]:
+    """Input batches (at most ``batch_size`` samples each) of the first ``limit`` samples (all by
+    default), in order, of inputs with N rows, an ``(inputs, labels)`` pair or a map-style
+    Dataset. Tensors and TensorDatasets are sliced (views), other Datasets stacked item by item."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     kind, src = _kind(data)
     if kind == "dataset" and isinstance(src, TensorDataset):
-        kind, src = "tensor", src.tensors[0]
+        kind, src = "rows", src.tensors[0]
     if kind == "batches":
-        raise TypeError(f"iter_batches needs a tensor, an (inputs, labels) pair or a Dataset, "
-                        f"got {type(data).__name__}")
-    count = src.shape[0] if kind == "tensor" else len(src)
+        raise TypeError(f"iter_batches needs inputs with N rows, an (inputs, labels) pair or a "
+                        f"Dataset, got {type(data).__name__}")
+    count = num_rows(src) if kind == "rows" else len(src)
     n = count if limit is None else min(limit, count)
     return (_rows(kind, src, i, min(i + batch_size, n)) for i in range(0, n, batch_size))
 
 
-def _rows(kind: str, src: Any, start: int, stop: int) -> torch.Tensor:
-    """Inputs ``start:stop`` of a tensor (a view) or a Dataset (stacked)."""
-    if kind == "tensor":
-        return src[start:stop]
+def _rows(kind: str, src: Any, start: int, stop: int) -> Inputs:
+    """Inputs ``start:stop`` of inputs with N rows (views) or a Dataset (stacked)."""
+    if kind == "rows":
+        return slice_rows(src, start, stop)
     return _stack_items(src, torch.arange(start, stop))
+
+
+class LabelledRows(Dataset):
+    """An ``(inputs, labels)`` pair as a Dataset of ``(x, y)`` items, x a tensor, dict or tuple
+    of one sample's rows (the DataLoader's default collate batches them back)."""
+
+    def __init__(self, inputs: Inputs, labels: torch.Tensor) -> None:
+        n = num_rows(inputs)
+        if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != n:
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
+            raise ValueError(f"labels have shape {shape}; they need one row per sample of the "
+                             f"inputs (N = {n})")
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Inputs, torch.Tensor]:
+        return map_tensors(self.inputs, lambda t: t[i]), self.labels[i]
+
+
+def labelled_dataset(data: Any) -> Dataset:
+    """``data`` as a Dataset of ``(x, y)`` items: an ``(inputs, labels)`` pair (inputs of any
+    form; a pair of tensors becomes a TensorDataset) or a Dataset, returned as is."""
+    inputs, labels = split_labels(data)
+    if labels is not None:
+        if isinstance(inputs, torch.Tensor):
+            if labels.shape[:1] != inputs.shape[:1]:
+                raise ValueError(f"labels have shape {tuple(labels.shape)}; they need one row "
+                                 f"per sample of the inputs (N = {inputs.shape[0]})")
+            return TensorDataset(inputs, labels)
+        return LabelledRows(inputs, labels)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return data
+    raise TypeError("labelled data must be a Dataset of (x, y) items or an (inputs, labels) "
+                    f"pair (inputs: a tensor, a dict or a tuple of tensors), got "
+                    f"{type(data).__name__}")
+
+
+def labelled_batches(data: Any, batch_size: int) -> Iterator[tuple[Inputs, torch.Tensor]]:
+    """``(inputs, labels)`` batches of at most ``batch_size`` samples, in order, from an
+    ``(inputs, labels)`` pair, a Dataset of ``(x, y)`` items or an iterable of such batches."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    inputs, labels = split_labels(data)
+    if labels is None and isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+        inputs, labels = data.tensors[0], data.tensors[1]
+    if labels is not None:
+        n = num_rows(inputs)
+        if labels.dim() == 0 or labels.shape[0] != n:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; they need one row per "
+                             f"sample of the inputs (N = {n})")
+        for i in range(0, n, batch_size):
+            yield slice_rows(inputs, i, i + batch_size), labels[i:i + batch_size]
+        return
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("labelled data must yield (inputs, labels) batches, got "
+                            f"{type(batch).__name__}")
+        yield batch[0], torch.as_tensor(batch[1])
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, seed: int = 0,

@@ -118,15 +118,29 @@ def _linear_part(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
 
 
 class LayerMeter:
-    """Accumulates one layer's distortion over its calls in the profiling forward."""
+    """Accumulates one layer's distortion over its calls in the profiling forward(s).
 
-    def __init__(self, bits: tuple[int, ...], samples: int, scale: Optional[Tensor]) -> None:
+    The output signal is the sum of squared deviations from each output channel's mean over
+    every measured position, kept as per-channel sums (`channels` of them), so that
+    micro-batches and processes add up to the full-batch value."""
+
+    def __init__(self, bits: tuple[int, ...], samples: int, scale: Optional[Tensor],
+                 channels: int) -> None:
         self.bits, self.samples, self.scale = bits, samples, scale
         self.deltas: Optional[list[Tensor]] = None  # ΔW per width, set at the first call
         self.w_folded: Optional[Tensor] = None
         self.weight = [0.0] * len(bits)
         self.noise = [0.0] * len(bits)
-        self.signal = 0.0
+        self.sum_y = torch.zeros(channels, dtype=torch.float64)  # Σ y per output channel
+        self.sum_y2 = 0.0  # Σ y² over channels and positions
+        self.count = 0  # positions per channel
+
+    @property
+    def signal(self) -> float:
+        """Σ over channels of Σ (y − mean_c)² over the measured positions."""
+        if self.count == 0:
+            return 0.0
+        return max(0.0, self.sum_y2 - float(self.sum_y.square().sum()) / self.count)
 
     def _weight_deltas(self, module: nn.Module) -> list[Tensor]:
         w = module.weight.detach().float()
@@ -145,16 +159,36 @@ class LayerMeter:
 
     @torch.no_grad()
     def update(self, module: nn.Module, inp: Tensor, out: Tensor) -> None:
-        """Add one call: inp/out are the layer's batched input and output."""
+        """Add one call: `inp` holds the input rows to measure (the caller keeps the first
+        `samples` samples, and for token inputs may pass the real tokens as a (tokens, H)
+        matrix), `out` the layer's output."""
         if self.deltas is None:
             self.deltas = self._weight_deltas(module)
-        x = inp[:self.samples]
+        x = inp
         if x.dtype != self.w_folded.dtype:
             x = x.to(self.w_folded.dtype)
         y = _channel_view(module, _linear_part(module, x, self.w_folded)).double()
-        self.signal += float((y - y.mean(dim=1, keepdim=True)).square().sum())
+        self.sum_y += y.sum(dim=1).cpu()
+        self.sum_y2 += float(y.square().sum())
+        self.count += y.shape[1]
         for k, d in enumerate(self.deltas):
             self.noise[k] += float(_linear_part(module, x, d).double().square().sum())
+
+    def state(self) -> tuple[Tensor, Tensor]:
+        """(weight row, sums) as float64 vectors, for all-reduces: the weight row is the same
+        in every process that measured (reduce with max; zeros elsewhere), the sums [noise per
+        width, Σy², count, Σy per channel] add up."""
+        sums = torch.cat([torch.tensor(self.noise + [self.sum_y2, float(self.count)],
+                                       dtype=torch.float64), self.sum_y])
+        return torch.tensor(self.weight, dtype=torch.float64), sums
+
+    def load_state(self, weight: Tensor, sums: Tensor) -> None:
+        """Replace the sums by reduced `state()` values."""
+        k = len(self.bits)
+        self.weight = [float(v) for v in weight]
+        self.noise = [float(v) for v in sums[:k]]
+        self.sum_y2, self.count = float(sums[k]), int(round(float(sums[k + 1])))
+        self.sum_y = sums[k + 2:].to(torch.float64).clone()
 
     def rows(self) -> tuple[list[float], list[float]]:
         """(weight row, output NSR row), each non-increasing in bits."""

@@ -1,31 +1,16 @@
 """Evaluation: top-1 accuracy (%) and mean cross-entropy of a model on labelled data."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+from .data import labelled_batches
+from .inputs import slice_rows, to_device
 from .stages import stage
-
-
-def _batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
-    """(x, y) batches from a `(x, y)` tuple of tensors, a Dataset or an iterable of batches."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-        for i in range(0, x.size(0), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
-        return
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        tensors = getattr(data, "tensors", None)
-        if tensors is not None and len(tensors) >= 2:
-            yield from _batches((tensors[0], tensors[1]), batch_size)
-            return
-        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("evaluate: data must yield (inputs, labels) batches")
-        yield batch[0], batch[1]
+from .trace import call_model, main_output
 
 
 @stage("evaluation")
@@ -35,8 +20,10 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256,
              max_samples: Optional[int] = None) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of `model` on labelled `data`.
 
-    `data`: a `(inputs, labels)` pair of tensors, a Dataset of `(x, y)` items (e.g.
-    `ompq.data.fashion_mnist("test")`), or an iterable of `(x, y)` batches. The model is run in
+    `data`: an `(inputs, labels)` pair (inputs a tensor, or a dict/tuple of tensors passed as
+    keyword/positional arguments), a Dataset of `(x, y)` items (e.g.
+    `ompq.data.fashion_mnist("test")`), or an iterable of `(x, y)` batches. The model's output
+    (or the first element of a tuple output) holds the logits. The model is run in
     eval mode (its mode is restored afterwards). `max_samples` evaluates only the first samples.
     Returns `{"top1": %, "loss": float, "n": int}`.
     """
@@ -46,7 +33,7 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256,
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    it = _batches(data, batch_size)
+    it = labelled_batches(data, batch_size)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="evaluate", leave=False)
@@ -55,9 +42,9 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256,
             if max_samples is not None and n >= max_samples:
                 break
             if max_samples is not None:
-                x, y = x[:max_samples - n], y[:max_samples - n]
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
+                x, y = slice_rows(x, 0, max_samples - n), y[:max_samples - n]
+            x, y = to_device(x, device), y.to(device)
+            logits = main_output(call_model(model, x))
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += y.numel()

@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_path
 from .data import iter_batches
+from .inputs import num_rows, to_device
 from .packed import weight_codes
 from .quantize import act_quantizer, quant_layers, swap_quantizers, weight_quantizer
 from .stages import stage
+from .trace import call_model, main_output
 
 PathLike = Union[str, os.PathLike]
 _LEGACY_MAX_OPSET = 20
@@ -174,7 +176,41 @@ def _to_initialisers(model_proto, int4: bool) -> None:
 
 
 @stage("ONNX export")
-def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opset: int = 17,
+def _onnx_inputs(example: Any, input_name: str) -> tuple[tuple, list[str], dict]:
+    """(export args, input names, dynamic axes) of an example batch of any form: one tensor
+    (named `input_name`), a tuple (`input_name`_0, …) or a dict (its keys, passed as keyword
+    arguments). Dim 0 is dynamic ("batch"), and dim 1 of 2-D integer inputs ("sequence")."""
+    if isinstance(example, dict):
+        values = {k: v.detach().cpu() for k, v in example.items() if isinstance(v, Tensor)}
+        args, names = (values,), list(values)
+        tensors = list(values.values())
+    elif isinstance(example, (tuple, list)):
+        tensors = [v.detach().cpu() for v in example]
+        args, names = tuple(tensors), [f"{input_name}_{k}" for k in range(len(tensors))]
+    else:
+        tensors = [example.detach().cpu()]
+        args, names = (tensors[0],), [input_name]
+    axes = {}
+    for name, t in zip(names, tensors):
+        axes[name] = {0: "batch"}
+        if t.dim() == 2 and not t.is_floating_point():
+            axes[name][1] = "sequence"
+    return args, names, axes
+
+
+def _feeds(sess: Any, x: Any) -> dict:
+    """onnxruntime feeds for a batch of any form (float inputs as float32)."""
+    tensors = list(x.values()) if isinstance(x, dict) else \
+        list(x) if isinstance(x, (tuple, list)) else [x]
+    tensors = [t for t in tensors if isinstance(t, Tensor)]
+    out = {}
+    for meta, t in zip(sess.get_inputs(), tensors):
+        t = t.detach().cpu()
+        out[meta.name] = (t.float() if t.is_floating_point() else t).numpy()
+    return out
+
+
+def export_onnx(model: nn.Module, path: PathLike, example_input: Any, *, opset: int = 17,
                 int4: bool = False, input_name: str = "input", output_name: str = "logits"
                 ) -> dict:
     """Export a fake-quant model to ONNX with QuantizeLinear/DequantizeLinear nodes.
@@ -183,7 +219,9 @@ def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opse
         model: a quantized model (calibrated activation quantizers, baked AdaRound).
         path: output ``.onnx`` file, written atomically (a hidden temporary file in its folder,
             then a rename; missing folders are created).
-        example_input: one batch (its batch dimension is exported as dynamic).
+        example_input: one batch: a tensor, a tuple of positional tensors or a dict of keyword
+            tensors (the graph's inputs are then named after the keys); its batch dimension is
+            exported as dynamic, and the sequence dimension of 2-D integer inputs.
         opset: ONNX opset (≥ 13 for per-channel DequantizeLinear; 21 for INT4 / 16-bit).
         int4: store ≤ 4-bit weight codes as INT4/UINT4 initialisers (needs opset ≥ 21).
 
@@ -205,11 +243,12 @@ def export_onnx(model: nn.Module, path: PathLike, example_input: Tensor, *, opse
     # exported at min(opset, 20) and then stamped with the requested opset.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(twin, (example_input.detach().cpu(),), buf, dynamo=False,
+        args, names, axes = _onnx_inputs(example_input, input_name)
+        torch.onnx.export(twin, args, buf, dynamo=False,
                           opset_version=min(opset, _LEGACY_MAX_OPSET), do_constant_folding=False,
                           training=torch.onnx.TrainingMode.PRESERVE,
-                          input_names=[input_name], output_names=[output_name],
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+                          input_names=names, output_names=[output_name],
+                          dynamic_axes={**axes, output_name: {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -234,7 +273,8 @@ def check_onnx(path: PathLike, model: nn.Module, data: Any, *, limit: Optional[i
     """Run an exported ONNX file in onnxruntime against the PyTorch fake-quant `model`.
 
     Args:
-        data: a tensor of inputs or a Dataset (items `x` or `(x, y)`).
+        data: inputs of any form (a tensor, a dict of tensors, ...), an (inputs, labels) pair
+            or a Dataset (items `x` or `(x, y)`).
         limit: use the first `limit` samples (default: all).
         optimize: let onnxruntime fuse the QDQ pattern into its integer kernels (QLinearConv
             etc., as deployed; their requantization rounds differently from fp32 fake quant).
@@ -242,7 +282,8 @@ def check_onnx(path: PathLike, model: nn.Module, data: Any, *, limit: Optional[i
             export itself from the integer kernels' rounding.
 
     Returns:
-        ``{"n", "max_abs_diff", "mean_abs_diff", "top1_agreement" (%), "seconds"}``.
+        ``{"n", "max_abs_diff", "mean_abs_diff", "top1_agreement" (% of samples, or of
+        positions for per-position logits), "seconds"}``.
     """
     import onnxruntime as ort
     from tqdm.auto import tqdm
@@ -253,20 +294,21 @@ def check_onnx(path: PathLike, model: nn.Module, data: Any, *, limit: Optional[i
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    in_name = sess.get_inputs()[0].name
     model = model.eval()
     device = next(model.parameters()).device
-    n = agree = 0
+    n = agree = positions = 0
     max_diff, sum_diff, numel = 0.0, 0.0, 0
     for x in tqdm(iter_batches(data, batch_size, limit), disable=not progress, desc="onnx check",
                   leave=False):
-        ref = model(x.to(device)).float().cpu()
-        out = torch.from_numpy(sess.run(None, {in_name: x.cpu().numpy().astype(np.float32)})[0])
+        ref = main_output(call_model(model, to_device(x, device))).float().cpu()
+        out = torch.from_numpy(sess.run(None, _feeds(sess, x))[0])
         diff = (out - ref).abs()
         max_diff = max(max_diff, float(diff.max()))
         sum_diff += float(diff.sum())
         numel += diff.numel()
-        agree += int((out.argmax(1) == ref.argmax(1)).sum())
-        n += x.size(0)
+        same = out.argmax(-1) == ref.argmax(-1)  # per sample, or per position of (N, T, C)
+        agree += int(same.sum())
+        positions += same.numel()
+        n += num_rows(x)
     return {"n": n, "max_abs_diff": max_diff, "mean_abs_diff": sum_diff / max(numel, 1),
-            "top1_agreement": 100.0 * agree / max(n, 1), "seconds": time.perf_counter() - t0}
+            "top1_agreement": 100.0 * agree / max(positions, 1), "seconds": time.perf_counter() - t0}

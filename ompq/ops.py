@@ -157,10 +157,23 @@ def centered_gram(x: Tensor) -> Tensor:
     return reference.centered_gram(x)
 
 
+def centered_gram_mm(x: Tensor) -> Tensor:
+    """`centered_gram` computed with the vendor GEMM (cuBLAS on CUDA, MKL/oneDNN on CPU): fp32
+    products over column slices plus the exact centring correction in fp64, with a centred second
+    pass when the mean is large against the spread (docs/DESIGN.md). Same result (to fp32
+    rounding), checks, errors and gradient as `centered_gram`, which uses this path on CUDA for
+    large inputs.
+    """
+    if has_op("centered_gram_mm"):
+        return torch.ops.ompq.centered_gram_mm(x)
+    return reference.centered_gram_mm(x)
+
+
 # --- adaround / adaround_reg / centered_gram: fake (meta) kernels and autograd ------------------
 _HAS_ADAROUND = has_op("adaround_fake_quant") and has_op("adaround_fake_quant_backward")
 _HAS_ADAROUND_REG = has_op("adaround_reg") and has_op("adaround_reg_backward")
 _HAS_GRAM = has_op("centered_gram")
+_HAS_GRAM_MM = has_op("centered_gram_mm")
 
 
 def _check_adaround_args(w: Tensor, scale: Tensor, zero_point: Tensor, v: Tensor, qmin: int,
@@ -255,6 +268,8 @@ if _HAS_ADAROUND_REG:
               _adaround_reg_setup_context, _adaround_reg_backward_fake)
 if _HAS_GRAM:
     _register("centered_gram", _gram_fake, _gram_backward, _gram_setup_context)
+if _HAS_GRAM_MM:
+    _register("centered_gram_mm", _gram_fake, _gram_backward, _gram_setup_context)
 
 
 # --- packed low-bit weights: pack_rows, unpack_rows, packed_linear (inference only) ------------

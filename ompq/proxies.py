@@ -13,11 +13,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
 
-from .data import draw_indices
+from .data import draw_indices, split_labels
+from .inputs import is_inputs, num_rows, stack_items, take_rows, to_device
 from .objectives import OBJECTIVES
 from .quantizers import WeightQuantizer
-from .trace import evaluating
+from .trace import call_model, evaluating, main_output
 from .stages import stage
 
 PROXIES = ("hawq", "uniform")
@@ -53,35 +56,45 @@ def _candidates(names: Sequence[str], candidates: Union[Sequence[int], Mapping[s
 
 
 def _labelled_batch(data: Any, model: nn.Module, num_samples: int, seed: int
-                    ) -> tuple[Tensor, Tensor]:
-    """(x, y) with `num_samples` samples drawn with `seed`; labels = model predictions if absent."""
-    x = y = None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        idx = draw_indices(data[0].size(0), num_samples, seed)
-        x, y = data[0][idx], data[1][idx]
-    elif torch.is_tensor(data):
-        x = data[draw_indices(data.size(0), num_samples, seed)]
-    elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+                    ) -> tuple[Any, Tensor]:
+    """(x, y) with `num_samples` samples drawn with `seed` (x inputs of any form); labels = the
+    model's predictions (argmax of the last dim) where the data has none."""
+    inputs, labels = split_labels(data)
+    if labels is None and isinstance(data, Dataset) and hasattr(data, "__len__"):
         idx = draw_indices(len(data), num_samples, seed).tolist()
         items = [data[i] for i in idx]
-        if isinstance(items[0], (tuple, list)):
-            x = torch.stack([it[0] for it in items])
-            y = torch.as_tensor([int(it[1]) for it in items])
+        if isinstance(items[0], (tuple, list)) and len(items[0]) >= 2:
+            x = stack_items([it[0] for it in items])
+            y = torch.stack([torch.as_tensor(it[1]) for it in items])
         else:
-            x = torch.stack(items)
+            x, y = stack_items(items), None
+    elif is_inputs(inputs):
+        idx = draw_indices(num_rows(inputs), num_samples, seed)
+        x, y = take_rows(inputs, idx), None if labels is None else labels[idx]
     else:
-        raise TypeError("data must be a Dataset, an (x, y) pair of tensors or a tensor of inputs, "
-                        f"got {type(data).__name__}")
+        raise TypeError("data must be a Dataset, an (inputs, labels) pair or inputs (a tensor "
+                        f"or a dict of tensors), got {type(data).__name__}")
     dev = next(model.parameters()).device
-    x = x.to(dev)
+    x = to_device(x, dev)
     if y is None:
         with torch.no_grad():
-            y = model(x).argmax(1)
+            y = _logits(model, x).argmax(-1)
     return x, y.to(dev)
 
 
+def _logits(model: nn.Module, x: Any) -> Tensor:
+    return main_output(call_model(model, x))
+
+
+def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of (N, C) logits, or of (N, …, C) per-position logits."""
+    if logits.dim() > 2:
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten())
+    return F.cross_entropy(logits, y)
+
+
 @stage("HAWQ Hessian traces")
-def hessian_traces(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor, *,
+def hessian_traces(model: nn.Module, names: Sequence[str], x: Any, y: Tensor, *,
                    max_iters: int = 100, tol: float = 1e-3, seed: int = 0,
                    progress: bool = False) -> tuple[dict[str, float], int]:
     """Hutchinson estimates of Tr(∂²L/∂W_i²) (total, not averaged) of the mean cross-entropy.
@@ -93,8 +106,10 @@ def hessian_traces(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor,
     for w in weights:
         w.requires_grad_(True)
     try:
-        with evaluating(model):
-            grads = torch.autograd.grad(F.cross_entropy(model(x), y), weights, create_graph=True)
+        # The math attention kernel has a second derivative; the fused ones do not.
+        with evaluating(model), sdpa_kernel([SDPBackend.MATH]):
+            grads = torch.autograd.grad(_cross_entropy(_logits(model, x), y), weights,
+                                        create_graph=True)
             sums, used = _hutchinson(weights, grads, max_iters, tol, seed, progress)
     finally:
         for w, s in zip(weights, saved):
@@ -174,4 +189,4 @@ def proxy_values(proxy: str, profile: Any, candidates: Union[Sequence[int], Mapp
         values[n] = {b: -imp[n] * quant_perturbation(w, b) for b in cands[n]}
     return ProxyResult(values, imp, time.perf_counter() - t0,
                        info={"name": "hawq", "hutchinson_vectors": used, "trace_seconds": t_trace,
-                             "traces": traces, "num_samples": int(x.size(0))})
+                             "traces": traces, "num_samples": int(y.shape[0])})

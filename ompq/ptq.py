@@ -23,7 +23,8 @@ from .layers import QUANTIZABLE_TYPES, Patterns
 from .quantize import (QuantScheme, calibrate_activations, float_weight, quantize_,
                        set_act_quant, weight_quantizer, with_options)
 from .quantizers import ActQuantizer, WeightQuantizer
-from .trace import Hooks
+from .inputs import num_rows, slice_rows, to_device
+from .trace import Hooks, call_model, main_output
 from .stages import stage
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -98,11 +99,13 @@ def _has_quant_layer(m: nn.Module) -> bool:
     return any(isinstance(x, QUANTIZABLE_TYPES) for x in m.modules())
 
 
-def find_blocks(model: nn.Module, example_input: Tensor) -> list[str]:
-    """Reconstruction blocks of any model, in execution order (see module docstring).
+def find_blocks(model: nn.Module, example_input: Any) -> list[str]:
+    """Reconstruction blocks of any model, in execution order (see docs/DESIGN.md, "PTQ").
 
     A block is a module path whose module contains ≥ 1 quantizable layer and that one forward of
-    `example_input` calls exactly once with a single tensor input and a tensor output.
+    `example_input` (inputs of any form) calls exactly once, with the batch as its first
+    positional tensor argument, returning a tensor (or a tuple whose first element is one).
+    Other arguments (attention masks, …) are replayed as the forward passed them.
 
     Raises:
         ValueError: a quantizable layer is called more than once (shared weights) or a layer is
@@ -144,10 +147,12 @@ def find_blocks(model: nn.Module, example_input: Tensor) -> list[str]:
     return sorted(blocks, key=lambda b: info[b][2])  # rank of the first call, last round
 
 
-def _trace(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple[int, bool, int]]:
+def _trace(model: nn.Module, names: Sequence[str], x: Any) -> dict[str, tuple[int, bool, int]]:
     """One no-grad forward of x with hooks on the named submodules. Per name: how many times it
-    was called, whether every call took one tensor and returned a tensor, and the rank of its
-    first call among the named modules (-1 if never called)."""
+    was called, whether every call took the batch as its first positional tensor and returned
+    a main output tensor, and the rank of its first call among the named modules (-1 if never
+    called)."""
+    rows = num_rows(x)
     info = {n: [0, True, -1] for n in names}
     started = [0]
 
@@ -161,7 +166,8 @@ def _trace(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple
     def hook(n: str):
         def fn(mod, inp, out) -> None:
             info[n][0] += 1
-            if len(inp) != 1 or not isinstance(inp[0], Tensor) or not isinstance(out, Tensor):
+            if not inp or not isinstance(inp[0], Tensor) or inp[0].dim() == 0 \
+                    or inp[0].shape[0] != rows or main_output(out) is None:
                 info[n][1] = False
         return fn
 
@@ -170,36 +176,107 @@ def _trace(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple
             sub = model.get_submodule(n)
             hooks.pre(sub, pre_hook(n))
             hooks.post(sub, hook(n))
-        model(x)
+        call_model(model, x)
     return {n: (c, ok, first) for n, (c, ok, first) in info.items()}
 
 
-@torch.no_grad()
-def _capture(model: nn.Module, block: nn.Module, x: Tensor, batch_size: int, *, want: str
-             ) -> Tensor:
-    """Block input (`want="input"`, before the block's own input quantizer) or output over all
-    of x, stopping each forward early."""
-    chunks: list[Tensor] = []
+@dataclass
+class BlockInputs:
+    """A block's arguments over the calibration set: tensors that carry the batch (dim 0 of
+    the chunk's size in every call) are concatenated, other values kept as the first call
+    passed them. `call(block, idx)` runs the block on samples `idx` and returns its main
+    output."""
 
-    def grab_input(mod, inp):
-        chunks.append(inp[0].detach())
+    args: list
+    kwargs: dict
+    batched_args: set
+    batched_kwargs: set
+    rows: int
+
+    def call(self, block: nn.Module, idx: Optional[Tensor] = None) -> Tensor:
+        args = [a[idx] if idx is not None and i in self.batched_args else a
+                for i, a in enumerate(self.args)]
+        kwargs = {k: v[idx] if idx is not None and k in self.batched_kwargs else v
+                  for k, v in self.kwargs.items()}
+        return main_output(block(*args, **kwargs))
+
+
+def _batched(values: list, sizes: list[int]) -> bool:
+    return all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == s
+               for v, s in zip(values, sizes))
+
+
+def _block_inputs(calls: list[tuple[tuple, dict]], sizes: list[int]) -> BlockInputs:
+    """Merge the captured (args, kwargs) of each chunk into one `BlockInputs`."""
+    first_args, first_kwargs = calls[0]
+    args, batched_args = [], set()
+    for i, a in enumerate(first_args):
+        column = [c[0][i] for c in calls]
+        if _batched(column, sizes):
+            args.append(torch.cat(column))
+            batched_args.add(i)
+        else:
+            args.append(a)
+    kwargs, batched_kwargs = {}, set()
+    for k, v in first_kwargs.items():
+        column = [c[1][k] for c in calls]
+        if _batched(column, sizes):
+            kwargs[k] = torch.cat(column)
+            batched_kwargs.add(k)
+        else:
+            kwargs[k] = v
+    return BlockInputs(args, kwargs, batched_args, batched_kwargs, sum(sizes))
+
+
+def _detach(v: Any) -> Any:
+    return v.detach() if isinstance(v, Tensor) else v
+
+
+@torch.no_grad()
+def _capture_inputs(model: nn.Module, block: nn.Module, x: Any, batch_size: int) -> BlockInputs:
+    """The block's arguments (before its own input quantizer) over all of x, stopping each
+    forward early."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def grab(mod, args, kwargs):
+        calls.append((tuple(_detach(a) for a in args),
+                      {k: _detach(v) for k, v in kwargs.items()}))
         raise _Stop
 
-    def grab_output(mod, inp, out):
-        chunks.append(out.detach())
+    sizes = []
+    with Hooks() as hooks:
+        hooks.pre(block, grab, first=True, with_kwargs=True)
+        for chunk in _chunks(x, batch_size):
+            sizes.append(num_rows(chunk))
+            try:
+                call_model(model, chunk)
+            except _Stop:
+                pass
+    return _block_inputs(calls, sizes)
+
+
+@torch.no_grad()
+def _capture_outputs(model: nn.Module, block: nn.Module, x: Any, batch_size: int) -> Tensor:
+    """The block's main output over all of x, stopping each forward early."""
+    chunks: list[Tensor] = []
+
+    def grab(mod, inp, out):
+        chunks.append(main_output(out).detach())
         raise _Stop
 
     with Hooks() as hooks:
-        if want == "input":
-            hooks.pre(block, grab_input, first=True)
-        else:
-            hooks.post(block, grab_output)
-        for i in range(0, x.size(0), batch_size):
+        hooks.post(block, grab)
+        for chunk in _chunks(x, batch_size):
             try:
-                model(x[i:i + batch_size])
+                call_model(model, chunk)
             except _Stop:
                 pass
     return torch.cat(chunks)
+
+
+def _chunks(x: Any, batch_size: int) -> list[Any]:
+    n = num_rows(x)
+    return [slice_rows(x, i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def lp_loss(pred: Tensor, target: Tensor, p: float = 2.4) -> Tensor:
@@ -213,7 +290,7 @@ def _weight_quantizers(block: nn.Module) -> list[tuple[nn.Parameter, WeightQuant
             if weight_quantizer(m) is not None]
 
 
-def _reconstruct_weights(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: int,
+def _reconstruct_weights(block: nn.Module, inp: BlockInputs, tgt: Tensor, *, iters: int,
                          batch_size: int, lr: float, reg_weight: float, warmup: float,
                          beta_range: tuple[float, float], p: float, gen: torch.Generator,
                          progress: bool, desc: str) -> dict[str, float]:
@@ -224,9 +301,9 @@ def _reconstruct_weights(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: i
     b0, b1 = beta_range
     rec = reg = torch.zeros(())
     for it in _progress(range(iters), progress, desc):
-        idx = torch.randint(0, inp.size(0), (min(batch_size, inp.size(0)),), generator=gen)
-        idx = idx.to(inp.device)
-        rec = lp_loss(block(inp[idx]), tgt[idx], p)
+        idx = torch.randint(0, inp.rows, (min(batch_size, inp.rows),), generator=gen)
+        idx = idx.to(tgt.device)
+        rec = lp_loss(inp.call(block, idx), tgt[idx], p)
         loss = rec
         if it >= warm:
             t = (it - warm) / max(iters - warm, 1)
@@ -241,7 +318,8 @@ def _reconstruct_weights(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: i
     return {"rec_loss": float(rec.detach()), "round_loss": float(reg.detach())}
 
 
-def _learn_act_scales(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: int, batch_size: int,
+def _learn_act_scales(block: nn.Module, inp: BlockInputs, tgt: Tensor, *, iters: int,
+                      batch_size: int,
                       lr: float, p: float, gen: torch.Generator, progress: bool, desc: str
                       ) -> None:
     aqs = [m for m in block.modules() if isinstance(m, ActQuantizer) and m.enabled]
@@ -251,9 +329,9 @@ def _learn_act_scales(block: nn.Module, inp: Tensor, tgt: Tensor, *, iters: int,
         aq.set_mode("lsq")
     opt = torch.optim.Adam([aq.scale for aq in aqs], lr=lr)
     for _ in _progress(range(iters), progress, desc):
-        idx = torch.randint(0, inp.size(0), (min(batch_size, inp.size(0)),), generator=gen)
-        idx = idx.to(inp.device)
-        loss = lp_loss(block(inp[idx]), tgt[idx], p)
+        idx = torch.randint(0, inp.rows, (min(batch_size, inp.rows),), generator=gen)
+        idx = idx.to(tgt.device)
+        loss = lp_loss(inp.call(block, idx), tgt[idx], p)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -272,7 +350,8 @@ def ptq(model: nn.Module, bit_config: Any, calib_data: Any,
     Args:
         model: the full-precision model (not modified).
         bit_config: anything `quantize_` accepts (a BitConfig, a dict layer -> weight bits).
-        calib_data: calibration inputs (see `ompq.data.sample_inputs`); labels are not used.
+        calib_data: calibration inputs of any form (see `ompq.data.sample_inputs`: a tensor, a
+            dict of keyword tensors, a Dataset, ...); labels are not used.
         config: a `PTQConfig`; `**options` override its fields (and its scheme's), e.g.
             `ptq(model, cfg, data, iters=0)`.
 
@@ -287,15 +366,16 @@ def ptq(model: nn.Module, bit_config: Any, calib_data: Any,
     act_iters = (5000 if on_gpu else 100) if cfg.act_iters is None else int(cfg.act_iters)
     if not cfg.adaround:
         iters = 0
-    x = sample_inputs(calib_data, cfg.num_samples, cfg.seed).to(dev)
+    x = to_device(sample_inputs(calib_data, cfg.num_samples, cfg.seed), dev)
+    example = slice_rows(x, 0, 8)
     fp = copy.deepcopy(model).to(dev).eval()
-    fold_bn(fp, x[:min(8, x.size(0))])
+    fold_bn(fp, example)
     for prm in fp.parameters():
         prm.requires_grad_(False)
     q = copy.deepcopy(fp)
     quantize_(q, bit_config, cfg.scheme, act_bits=cfg.act_bits, skip=cfg.skip)
     set_act_quant(q, False)
-    blocks = find_blocks(q, x[:min(8, x.size(0))])
+    blocks = find_blocks(q, example)
     cap_bs = max(cfg.batch_size, 128)
     losses: dict[str, dict[str, float]] = {}
     if iters > 0:
@@ -303,20 +383,20 @@ def ptq(model: nn.Module, bit_config: Any, calib_data: Any,
             qb = q.get_submodule(name) if name else q
             if not _weight_quantizers(qb):
                 continue
-            tgt = _capture(fp, fp.get_submodule(name) if name else fp, x, cap_bs, want="output")
-            inp = _capture(q, qb, x, cap_bs, want="input")
+            tgt = _capture_outputs(fp, fp.get_submodule(name) if name else fp, x, cap_bs)
+            inp = _capture_inputs(q, qb, x, cap_bs)
             g = torch.Generator().manual_seed(cfg.seed * 1000003 + bi)
             losses[name] = _reconstruct_weights(
                 qb, inp, tgt, iters=iters, batch_size=cfg.batch_size, lr=cfg.lr,
                 reg_weight=cfg.reg_weight, warmup=cfg.warmup, beta_range=cfg.beta_range,
                 p=cfg.p, gen=g, progress=False, desc=f"block {name}")
     t1 = time.perf_counter()
-    calibrate_activations(q, [x[i:i + cap_bs] for i in range(0, x.size(0), cap_bs)])
+    calibrate_activations(q, _chunks(x, cap_bs))
     if act_iters > 0:
         for bi, name in enumerate(_progress(blocks, cfg.progress, "PTQ blocks (LSQ act)")):
             qb = q.get_submodule(name) if name else q
-            tgt = _capture(fp, fp.get_submodule(name) if name else fp, x, cap_bs, want="output")
-            inp = _capture(q, qb, x, cap_bs, want="input")
+            tgt = _capture_outputs(fp, fp.get_submodule(name) if name else fp, x, cap_bs)
+            inp = _capture_inputs(q, qb, x, cap_bs)
             g = torch.Generator().manual_seed(cfg.seed * 1000003 + 7919 + bi)
             _learn_act_scales(qb, inp, tgt, iters=act_iters, batch_size=cfg.batch_size,
                               lr=cfg.act_lr, p=cfg.p, gen=g, progress=False, desc=f"act {name}")

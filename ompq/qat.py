@@ -20,12 +20,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
+from . import distributed
 from ._jsonio import fields_to_json
 from .batchnorm import fold_bn
 from .checkpoint import save_atomic
-from .data import sample_inputs
+from .data import labelled_dataset, sample_inputs
+from .inputs import num_rows, slice_rows, to_device
+from .trace import call_model, main_output
 from .quantize import (QuantScheme, act_quantizers, calibrate_activations, quant_layers,
                        quantize_, weight_quantizer, with_options)
 from .quantizers import ActQuantizer, WeightQuantizer
@@ -91,30 +94,6 @@ class QATResult:
         return fields_to_json(self, exclude=("model",))
 
 
-def _dist_env() -> bool:
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _setup_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call created the process group)."""
-    if not _dist_env():
-        return 0, 1, False
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
-
-
-def _as_dataset(data: Any) -> Dataset:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        return TensorDataset(data[0], data[1])
-    if isinstance(data, Dataset):
-        return data
-    raise TypeError("train_data must be a Dataset of (x, y) items or an (inputs, labels) pair "
-                    f"of tensors, got {type(data).__name__}")
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate()}
@@ -147,7 +126,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_qat_model(model: nn.Module, bit_config: Any, calib: torch.Tensor, *,
+def prepare_qat_model(model: nn.Module, bit_config: Any, calib: Any, *,
                       method: str = "lsq", act_bits: Union[int, dict, None] = None,
                       quantize_input: bool = True, skip: Union[str, Sequence[str], None] = None,
                       calib_batch: int = 128) -> nn.Module:
@@ -160,7 +139,7 @@ def prepare_qat_model(model: nn.Module, bit_config: Any, calib: torch.Tensor, *,
     """
     if method not in METHODS:
         raise ValueError(f"qat method {method!r} unknown; valid: {', '.join(METHODS)}")
-    fold_bn(model, calib[:min(8, calib.size(0))])
+    fold_bn(model, slice_rows(calib, 0, 8))
     scheme = QuantScheme(weight_init="minmax", weight_symmetric=True,
                          weight_mode="lsq" if method == "lsq" else "nearest", act_mode="fixed",
                          quantize_input=quantize_input)
@@ -169,8 +148,8 @@ def prepare_qat_model(model: nn.Module, bit_config: Any, calib: torch.Tensor, *,
         for m in model.modules():
             if isinstance(m, WeightQuantizer):
                 m.dynamic = True
-    calibrate_activations(model, [calib[i:i + calib_batch]
-                                  for i in range(0, calib.size(0), calib_batch)])
+    calibrate_activations(model, [slice_rows(calib, i, i + calib_batch)
+                                  for i in range(0, num_rows(calib), calib_batch)])
     if method == "lsq":
         for aq in act_quantizers(model):
             aq.set_mode("lsq")
@@ -218,7 +197,7 @@ def _train(model: nn.Module, bit_config: Any, train_data: Any, cfg: QATConfig) -
     device, progress, max_steps = cfg.device, cfg.progress, cfg.max_steps
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    rank, world, created = _setup_distributed()
+    rank, world, created = distributed.setup()
     if device is None:
         device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
                   if torch.cuda.is_available() else torch.device("cpu"))
@@ -226,8 +205,8 @@ def _train(model: nn.Module, bit_config: Any, train_data: Any, cfg: QATConfig) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
-    dataset = _as_dataset(train_data)
-    calib = sample_inputs(dataset, min(cfg.calib_samples, len(dataset)), seed).to(device)
+    dataset = labelled_dataset(train_data)
+    calib = to_device(sample_inputs(dataset, min(cfg.calib_samples, len(dataset)), seed), device)
     net = prepare_qat_model(copy.deepcopy(model).to(device), bit_config, calib, method=method,
                             act_bits=cfg.act_bits, quantize_input=cfg.quantize_input,
                             skip=cfg.skip)
@@ -260,8 +239,8 @@ def _train(model: nn.Module, bit_config: Any, train_data: Any, cfg: QATConfig) -
             if max_steps is not None and step >= max_steps:
                 interrupted = True
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(ddp(x), y)
+            x, y = to_device(x, device), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(main_output(call_model(ddp, x)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             last = loss.detach()

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from .bitconfig import as_bit_config
 from .layers import Patterns, find_layers, matches_any
 from .quantizers import ACT_MODES, WEIGHT_INITS, WEIGHT_MODES, ActQuantizer, WeightQuantizer
-from .trace import evaluating
+from .trace import call_model, evaluating
 
 __all__ = ["QuantScheme", "quantize_", "quant_layers", "is_quantized", "weight_quantizer",
            "act_quantizer", "attach_quantizers", "swap_quantizers", "layer_class", "added_modules", "float_weight", "int_weight", "act_quantizers", "set_act_quant",
@@ -247,14 +247,15 @@ def freeze_activations(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
-    """Observe activation ranges (EMA) over `batches` (tensors of inputs), then freeze them."""
+def calibrate_activations(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
+    """Observe activation ranges (EMA) over `batches` (inputs of any form: a tensor, a tuple of
+    positional or a dict of keyword tensors), then freeze them."""
     with evaluating(model):
         for aq in act_quantizers(model):
             aq.observing = True
             aq.enabled = True
             aq.initialized.fill_(False)
         for x in batches:
-            model(x)
+            call_model(model, x)
         freeze_activations(model)
     return model

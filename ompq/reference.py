@@ -239,6 +239,27 @@ def centered_gram(x: Tensor) -> Tensor:
     return g
 
 
+def centered_gram_mm(x: Tensor) -> Tensor:
+    """The GEMM formulation of `centered_gram` (what the compiled `centered_gram_mm` computes).
+
+    For any constant row r, Y = x - r has the centred Gram of x, equal to P (Y Yᵀ) P with
+    P = I - 11ᵀ/N, i.e. G - a1ᵀ - 1aᵀ + c with G = Y Yᵀ, a = G1/N, c = 1ᵀG1/N². Here r is the
+    fp32 column mean (so the fp32 product does not cancel) and the correction runs in fp64. Same
+    checks and exceptions as `centered_gram`.
+    """
+    _check_gram_input(x)
+    xf = x.reshape(x.shape[0], -1).float()
+    y = xf - xf.mean(dim=0, keepdim=True)
+    g = (y @ y.T).double()
+    g = (g + g.T) * 0.5
+    b = g.mean(dim=1, keepdim=True) - 0.5 * g.mean()
+    gc = (g - (b + b.T)).float()
+    if not bool(torch.isfinite(gc).all()):
+        raise ValueError("centered_gram: the input contains NaN or Inf (or values so large that "
+                         "the fp32 Gram overflows); clean or rescale the features first")
+    return gc
+
+
 # --- packed low-bit weights (pack_rows, unpack_rows, packed_linear) ------------------------------
 # Layout (docs/DESIGN.md, "Packed runtime layout"): row r holds K = in_features codes
 # u in [0, 2**b - 1] zero-padded to K8 = ceil(K/8)·8; every 8 consecutive codes form a group of b

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Hooks", "evaluating", "forward", "call_model", "first_tensor"]
+__all__ = ["Hooks", "evaluating", "forward", "call_model", "first_tensor", "main_output"]
 
 
 class Hooks(contextlib.AbstractContextManager):
@@ -21,10 +21,13 @@ class Hooks(contextlib.AbstractContextManager):
     def __init__(self) -> None:
         self._handles: list[Any] = []
 
-    def pre(self, module: nn.Module, fn: Callable[..., Any], *, first: bool = False) -> None:
-        """`fn(module, args)` before every call of `module`; `first`: before its other
-        pre-hooks (e.g. to see a quantized layer's input before it is quantized)."""
-        self._handles.append(module.register_forward_pre_hook(fn, prepend=first))
+    def pre(self, module: nn.Module, fn: Callable[..., Any], *, first: bool = False,
+            with_kwargs: bool = False) -> None:
+        """`fn(module, args)` (or `fn(module, args, kwargs)` `with_kwargs`) before every call of
+        `module`; `first`: before its other pre-hooks (e.g. to see a quantized layer's input
+        before it is quantized)."""
+        self._handles.append(module.register_forward_pre_hook(fn, prepend=first,
+                                                              with_kwargs=with_kwargs))
 
     def post(self, module: nn.Module, fn: Callable[..., Any]) -> None:
         """`fn(module, args, output)` after every call of `module`."""
@@ -73,6 +76,16 @@ def forward(model: nn.Module, inputs: Any, hooks: Optional[Hooks] = None, *,
     finally:
         if hooks is not None:
             hooks.close()
+
+
+def main_output(out: Any) -> Optional[Tensor]:
+    """A module's main output: the tensor itself, or the first element of a tuple/list
+    (Hugging Face blocks return `(hidden_states, ...)`); None otherwise."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    return None
 
 
 def first_tensor(args: Any) -> Optional[Tensor]:

@@ -42,7 +42,7 @@ assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for all", len(ops), "ops")
 PYEOF
 stamp "CUDA tests"
-"$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_ops_cuda.py 2>&1 \
+"$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_ops_cuda.py tests/test_ops_gram_mm.py 2>&1 \
   | tee "$DEST/pytest_cuda.log"
 status=${PIPESTATUS[0]}
 stamp "benchmark"

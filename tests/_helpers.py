@@ -1,7 +1,10 @@
 """Helpers shared by the tests (imported as `_helpers`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 import torch
 
@@ -12,6 +15,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m torch.distributed.run --nproc_per_node nproc ... args` (a script, or
+    `-m module ...`) on a free port, one thread per process; asserts it succeeded."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 class ItemsDataset(torch.utils.data.Dataset):

@@ -311,6 +311,7 @@ def test_opcheck_cuda(gen):
         (OPS.adaround_fake_quant.default, (w, sw, zw, v, -8, 7, 0, True)),
         (OPS.adaround_reg.default, (v, 2.0)),
         (OPS.centered_gram.default, (torch.randn(5, 7, generator=gen).cuda(),)),
+        (OPS.centered_gram_mm.default, (torch.randn(5, 7, generator=gen).cuda(),)),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args)

@@ -262,8 +262,9 @@ def test_profile_json_roundtrip(gen, tmp_path):
     assert torch.equal(Profile.from_json(path).orm, prof.orm)
     assert torch.equal(Profile.from_json(str(path)).orm, prof.orm)
     data = json.loads(prof.to_json())
-    with pytest.raises(ValueError, match="version 3, newer than this ompq reads"):
-        Profile.from_json(json.dumps({**data, "version": 3}))
+    assert back.batch_size == 8 and back.processes == 1
+    with pytest.raises(ValueError, match="version 4, newer than this ompq reads"):
+        Profile.from_json(json.dumps({**data, "version": 4}))
     with pytest.raises(ValueError, match="expected JSON with format 'ompq.Profile'"):
         Profile.from_json(json.dumps({**data, "format": "ompq.BitConfig"}))
     with pytest.raises(FileNotFoundError, match="no such ompq.Profile JSON file"):

@@ -1,8 +1,6 @@
 """QAT: an interrupted and resumed run ends with exactly the weights of an uninterrupted one;
 torchrun with 2 CPU processes (gloo)."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +10,7 @@ from torch import nn
 from ompq.qat import CHECKPOINT_NAME, qat
 from ompq.quantize import is_quantized, weight_quantizer
 
-from _helpers import free_port
+from _helpers import torchrun
 
 
 def _model():
@@ -99,11 +97,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), ckpt=str(tmp_path / "ck"),
                                     out=str(tmp_path / "rank")))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(script)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(str(script))
     a = torch.load(tmp_path / "rank0.pt")
     b = torch.load(tmp_path / "rank1.pt")
     for k in a:

@@ -14,7 +14,7 @@ from ompq import zoo
 from ompq.evaluate import evaluate
 from ompq.zoo import train as T
 
-EXPECTED_PARAMS = {"resnet20": 272186, "mobilenetv2": 370442}
+EXPECTED_PARAMS = {"resnet20": 272186, "mobilenetv2": 370442, "vit": 456394}
 
 from _helpers import ItemsDataset
 
@@ -190,7 +190,9 @@ def test_sample_inputs_short_data_warns_at_the_callers_line_or_raises():
 
 @pytest.mark.parametrize("data, num_samples, error, match", [
     (42, 4, TypeError, "inputs must be a tensor"),
-    ({"x": torch.randn(4, 2)}, 4, TypeError, "inputs must be a tensor"),
+    ({"x": [1, 2]}, 4, TypeError, "a dict without tensors"),
+    ({"input_ids": torch.zeros(4, 3), "attention_mask": torch.ones(5, 3)}, 4, ValueError,
+     "inconsistent number of samples \\('input_ids' has 4, 'attention_mask' has 5"),
     (torch.randn(4, 2), 0, ValueError, "num_samples must be >= 1"),
     (torch.randn(4, 2), 2.0, TypeError, "num_samples must be an int"),
 ])
@@ -211,9 +213,10 @@ def test_iter_batches_in_order_up_to_the_limit():
 
 # --------------------------------------------------------------------------- zoo
 def test_zoo_names_and_errors():
-    assert zoo.list_models() == ["resnet20", "mobilenetv2"]
+    assert zoo.list_models() == ["resnet20", "mobilenetv2", "vit"]
     assert zoo.DEFAULT_MODEL == "resnet20" and zoo.INPUT_SHAPE == (1, 28, 28)
-    with pytest.raises(zoo.ModelNotFoundError, match="resnet20, mobilenetv2"):
+    assert list(T.ARCHITECTURES) == zoo.list_models() and set(T.RECIPES) == set(T.ARCHITECTURES)
+    with pytest.raises(zoo.ModelNotFoundError, match="resnet20, mobilenetv2, vit"):
         zoo.load("resnet18")
     with pytest.raises(ValueError, match="valid names"):
         zoo.info("vgg")
@@ -228,13 +231,13 @@ def test_zoo_missing_checkpoint(tmp_path, monkeypatch):
     assert isinstance(zoo.load("resnet20", pretrained=False), torch.nn.Module)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("name", zoo.list_models())
 def test_zoo_model_structure(name):
     m = zoo.create(name)
     assert sum(p.numel() for p in m.parameters()) == EXPECTED_PARAMS[name]
     assert m(torch.randn(2, *zoo.INPUT_SHAPE)).shape == (2, 10)
     mods = list(m.modules())
-    acts = [x for x in mods if isinstance(x, (torch.nn.ReLU, torch.nn.ReLU6))]
+    acts = [x for x in mods if isinstance(x, (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.GELU))]
     assert acts, "activations must be modules so hooks see them"
     if name == "mobilenetv2":
         assert any(isinstance(x, torch.nn.Conv2d) and x.groups > 1 and x.groups == x.in_channels
@@ -242,7 +245,7 @@ def test_zoo_model_structure(name):
     assert zoo.create(name, num_classes=7, in_channels=3)(torch.randn(1, 3, 28, 28)).shape == (1, 7)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("name", zoo.list_models())
 def test_shipped_checkpoint_accuracy(name):
     meta = zoo.info(name)
     assert meta["model"] == name and meta["dataset"] == "fashion-mnist"

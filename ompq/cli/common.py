@@ -32,6 +32,8 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 #: Data of a model outside the zoo when --data is not given (zoo models: their own dataset).
 FALLBACK_DATA = "fashion-mnist"
+#: Seed of the global RNG while a `module.path:factory` model is built.
+FACTORY_SEED = 0
 #: Samples of a `random:C,H,W` data spec.
 RANDOM_SAMPLES = 256
 USER_ERRORS = (ValueError, TypeError, OSError, KeyError, RuntimeError)
@@ -39,6 +41,7 @@ MODEL_FORMS = ("a zoo name (see `ompq.zoo.list_models()`)",
                "module.path:factory (a callable returning an nn.Module, e.g. mypkg.nets:build)",
                "a saved model file (torch.save(model, PATH) or TorchScript)")
 BITS_HELP = f"integers in {BITS_RANGE}"
+DATA_FORMS = "fashion-mnist, imagefolder:PATH, random:C,H,W or module.path:factory"
 #: pip package of a module when the names differ (`require`).
 PIP_NAMES = {"PIL": "pillow"}
 
@@ -277,6 +280,11 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
 
+def micro_batch(text: str) -> int:
+    """An integer >= 4, a micro-batch size (argparse type)."""
+    return _int_at_least(text, 4)
+
+
 def nonneg_int(text: str) -> int:
     """An integer >= 0 (argparse type)."""
     return _int_at_least(text, 0)
@@ -302,7 +310,7 @@ def add_model_arg(parser: argparse.ArgumentParser, help_extra: str = "") -> None
 def add_data_arg(parser: argparse.ArgumentParser, flag: str = "--data",
                  extra: str = "") -> None:
     parser.add_argument(flag, default=None, metavar="D",
-                        help=f"dataset: fashion-mnist, imagefolder:PATH or random:C,H,W{extra} "
+                        help=f"dataset: {DATA_FORMS}{extra} "
                         f"(default: the zoo model's dataset; {FALLBACK_DATA} for other models)")
 
 
@@ -328,7 +336,15 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
                         help="skip layers matching this glob (repeatable)")
     parser.add_argument("--feature", choices=("auto", "output"), default="auto",
                         help="auto: after a directly following BN/activation; output: raw output")
-    parser.add_argument("--debiased", action="store_true", help="unbiased HSIC (U-statistic)")
+    parser.add_argument("--debiased", action="store_const", const=True, default=None,
+                        help="unbiased HSIC (U-statistic; always on with micro-batches)")
+    parser.add_argument("--batch-size", type=micro_batch, default=None, metavar="M",
+                        help="micro-batches of M samples (≥ 4): memory independent of N, the "
+                        "minibatch CKA estimator (default: all N at once; N / processes under "
+                        "torchrun)")
+    parser.add_argument("--mask", default="auto", metavar="KEY",
+                        help="token mask of dict inputs: auto (their attention_mask entry, if "
+                        "any), another entry's name, or none")
     parser.add_argument("--device", default=None, help="device for the forward (default: model's)")
     parser.add_argument("--memory-format", choices=("auto", "channels_last", "preserve"),
                         default="auto", help="layout of the input in the forward: auto "
@@ -357,7 +373,8 @@ def compute_profile(args: argparse.Namespace, model: Optional[nn.Module] = None,
                    debiased=args.debiased, device=args.device, progress=args.progress,
                    description=label, memory_format=args.memory_format,
                    distortion_bits=args.distortion_bits,
-                   distortion_samples=args.distortion_samples)
+                   distortion_samples=args.distortion_samples, batch_size=args.batch_size,
+                   mask=None if args.mask == "none" else args.mask)
 
 
 # ============================================================================ models
@@ -377,7 +394,9 @@ def _from_factory(spec: str) -> nn.Module:
         if not hasattr(obj, part):
             raise _model_error(spec, f"module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FACTORY_SEED)  # random weights: the same in every run and process
+        model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(model, nn.Module):
         raise _model_error(spec, f"{attr!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -435,7 +454,11 @@ def data_spec(spec: Optional[str], model_spec: Optional[str] = None) -> str:
 
 def resolve_data(spec: str, split: str = "test", seed: int = 0) -> Any:
     """A Dataset of (x, y) for "fashion-mnist", "imagefolder:PATH" (`ompq.data.load_dataset`)
-    or "random:C,H,W" (RANDOM_SAMPLES seeded N(0, 1) images, 10 classes: smoke tests)."""
+    or "random:C,H,W" (RANDOM_SAMPLES seeded N(0, 1) images, 10 classes: smoke tests); for
+    "module.path:factory", what the factory returns (inputs with N rows such as a dict of
+    `input_ids` and `attention_mask`, an (inputs, labels) pair, a Dataset, ...)."""
+    if ":" in spec and not spec.startswith(("random:", "imagefolder:")):
+        return _data_from_factory(spec)
     if spec.startswith("random:"):
         try:
             shape = tuple(int(v) for v in spec[len("random:"):].replace("x", ",").split(","))
@@ -452,12 +475,25 @@ def resolve_data(spec: str, split: str = "test", seed: int = 0) -> Any:
     try:
         ds = data.load_dataset(spec, split)
     except (OSError, ValueError) as err:
-        forms = "" if "valid:" in str(err) else \
-            "; valid: fashion-mnist, imagefolder:PATH or random:C,H,W"
+        forms = "" if "valid:" in str(err) else f"; valid: {DATA_FORMS}"
         raise ValueError(f"cannot read data {spec!r} (split {split!r}): {err}{forms}") from None
     if len(ds) == 0:
         raise ValueError(f"data {spec!r} (split {split!r}) has no samples")
     return ds
+
+
+def _data_from_factory(spec: str) -> Any:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import data module {mod_name!r} ({err}); valid data: "
+                         f"{DATA_FORMS}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"data module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj() if callable(obj) and not isinstance(obj, torch.utils.data.Dataset) else obj
 
 
 # ============================================================================ output

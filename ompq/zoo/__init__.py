@@ -1,8 +1,9 @@
-"""The ompq model zoo: small CNNs trained on Fashion-MNIST, shipped with the package.
+"""The ompq model zoo: two small CNNs and a small ViT trained on Fashion-MNIST, shipped with
+the package.
 
 >>> from ompq import zoo
 >>> zoo.list_models()
-['resnet20', 'mobilenetv2']
+['resnet20', 'mobilenetv2', 'vit']
 >>> model = zoo.load("resnet20")          # eval mode, FP32 weights from the shipped checkpoint
 >>> zoo.info("resnet20")["test_top1"]     # FP32 top-1 (%) on the 10 000 Fashion-MNIST test images
 
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .models import mobilenetv2, resnet20
+from .models import mobilenetv2, resnet20, vit
 
 __all__ = ["DEFAULT_MODEL", "INPUT_SHAPE", "NUM_CLASSES", "DATASET", "ModelNotFoundError",
            "CheckpointMissingError", "list_models", "create", "load", "info",
@@ -32,6 +33,7 @@ DATASET = "fashion-mnist"
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "mobilenetv2": mobilenetv2,
+    "vit": vit,
 }
 _CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
@@ -45,7 +47,7 @@ class CheckpointMissingError(FileNotFoundError):
 
 
 def list_models() -> list[str]:
-    """Names of the zoo models, default first: ``["resnet20", "mobilenetv2"]``."""
+    """Names of the zoo models, default first: ``["resnet20", "mobilenetv2", "vit"]``."""
     return list(_FACTORIES)
 
 
@@ -67,7 +69,8 @@ def _short(dataset: str) -> str:
 
 def create(name: str = DEFAULT_MODEL, **kwargs: Any) -> nn.Module:
     """An untrained (randomly initialised, train mode) zoo model; kwargs go to its factory
-    (``num_classes``, ``in_channels``, and for mobilenetv2 ``width_mult``)."""
+    (``num_classes``, ``in_channels``, for mobilenetv2 ``width_mult``, for vit ``patch``, ``dim``,
+    ``depth``, ``num_heads``, ``mlp_ratio``)."""
     return _FACTORIES[_check_name(name)](**kwargs)
 
 

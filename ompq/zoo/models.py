@@ -1,8 +1,9 @@
 """Architectures of the ompq model zoo, sized for 28×28 single-channel input (Fashion-MNIST).
 
-Both nets use activation *modules* (``nn.ReLU`` / ``nn.ReLU6``), never functional calls, so
-forward hooks (the ORM profiler, activation quantizers) see every activation, and every
-convolution is directly followed by its BatchNorm.
+Every net uses activation *modules* (``nn.ReLU`` / ``nn.ReLU6`` / ``nn.GELU``), never functional
+calls, so forward hooks (the ORM profiler, activation quantizers) see every activation. In the
+two CNNs every convolution is directly followed by its BatchNorm; the ViT has no BatchNorm (pre-norm
+LayerNorm blocks) and every projection of it, the fused ``qkv`` included, is an ``nn.Linear``.
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["BasicBlock", "ResNet20", "resnet20", "InvertedResidual", "MobileNetV2",
-           "mobilenetv2", "MOBILENETV2_SETTINGS"]
+           "mobilenetv2", "MOBILENETV2_SETTINGS", "Attention", "Mlp", "TransformerBlock",
+           "ViT", "vit"]
 
 
 # --------------------------------------------------------------------------- ResNet-20
@@ -162,6 +165,124 @@ def mobilenetv2(num_classes: int = 10, in_channels: int = 1,
                 width_mult: float = 1.0) -> MobileNetV2:
     """MobileNetV2-style net for ``in_channels``×28×28 input (width 1.0: 0.37 M weights)."""
     return MobileNetV2(num_classes=num_classes, in_channels=in_channels, width_mult=width_mult)
+
+
+# --------------------------------------------------------------------------- ViT
+class Attention(nn.Module):
+    """Multi-head self-attention with ONE fused ``qkv`` projection (``nn.Linear(d, 3d)``) and an
+    output projection ``proj`` (``nn.Linear(d, d)``), both plain Linear layers so that the
+    quantizers see them (``nn.MultiheadAttention``'s in-projection is not a Linear module).
+    The attention itself is ``F.scaled_dot_product_attention`` (no weights)."""
+
+    def __init__(self, dim: int, num_heads: int = 4) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)          # each B×heads×N×head_dim
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """``fc1`` (d → hidden) → ``nn.GELU`` module → ``fc2`` (hidden → d)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    One tensor in (B×N×d), one tensor out, so PTQ (`ompq.ptq.find_blocks`) reconstructs each
+    block as a unit.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(round(dim * mlp_ratio)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer for 28×28 input.
+
+    ``patch_embed``: ``nn.Conv2d`` with kernel = stride = ``patch`` (7: a 4×4 grid of 16 tokens);
+    a learned ``cls_token`` and ``pos_embed`` (1 + tokens positions); pre-norm
+    :class:`TransformerBlock` s in the ``nn.Sequential`` ``blocks``; a final LayerNorm ``norm``;
+    the ``nn.Linear`` ``head`` on the cls token. ``image_size`` must be a multiple of ``patch``.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+                 patch: int = 7, dim: int = 96, depth: int = 6, num_heads: int = 4,
+                 mlp_ratio: float = 2.0) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
+        self.patch = patch
+        self.num_tokens = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_tokens, dim))
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, num_heads, mlp_ratio)
+                                      for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        _init_vit(self)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the training recipe keeps out of weight decay (besides 1-D ones)."""
+        return {"cls_token", "pos_embed"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)      # B×tokens×d (any memory format)
+        cls = self.cls_token.expand(x.size(0), -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def vit(num_classes: int = 10, in_channels: int = 1, patch: int = 7, dim: int = 96,
+        depth: int = 6, num_heads: int = 4, mlp_ratio: float = 2.0) -> ViT:
+    """Small ViT for ``in_channels``×28×28 input: 7×7 patches (16 tokens + cls), dim 96, depth 6,
+    4 heads, MLP ratio 2; about 0.45 M weights."""
+    return ViT(num_classes=num_classes, in_channels=in_channels, patch=patch, dim=dim,
+               depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+
+
+def _init_vit(model: ViT) -> None:
+    """Truncated-normal (std 0.02) Linear weights, cls token and position embedding; the patch
+    embedding like a Linear layer (LeCun-normal fan-in); zero biases, unit LayerNorm."""
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    nn.init.trunc_normal_(model.cls_token, std=0.02)
+    w = model.patch_embed.weight
+    nn.init.trunc_normal_(w, std=(1.0 / w[0].numel()) ** 0.5)
+    nn.init.zeros_(model.patch_embed.bias)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def _init_weights(model: nn.Module) -> None:

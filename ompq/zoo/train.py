@@ -4,13 +4,20 @@ Usage::
 
     python -m ompq.zoo.train --model resnet20 --epochs 12 --out ompq/zoo/checkpoints/
     python -m ompq.zoo.train --model resnet20 --epochs 12 --out ompq/zoo/checkpoints/ --resume
+    python -m ompq.zoo.train --model vit --epochs 26 --out ompq/zoo/checkpoints/
 
-Recipe: SGD (momentum 0.9, Nesterov), weight decay 5e-4 (not on BN/bias), one-cycle (default)
-or cosine learning rate, batch 128, light augmentation on tensors (random 28×28 crop of the
-2-px padded image + horizontal flip), channels_last. Every epoch the model is evaluated on the
-test split, and two files are written: the full training state (model, optimiser, schedule,
-epoch; in ``--state-dir``) so ``--resume`` continues exactly where it stopped, and the shipped
-artefacts ``<out>/<model>_fmnist.pt`` (fp32 state_dict) + ``<out>/<model>_fmnist.json``.
+Recipes (:data:`RECIPES`; options left unset take the architecture's values). The CNNs
+(resnet20, mobilenetv2): SGD (momentum 0.9, Nesterov), peak learning rate 0.1, weight decay 5e-4.
+The ViT: AdamW (betas 0.9/0.999), peak learning rate 2e-3, weight decay 0.05, label smoothing 0.1.
+Weight decay never applies to 1-D parameters (BN/LayerNorm, biases) nor to the names a model's
+``no_weight_decay()`` returns (the ViT's cls token and position embedding). All: one-cycle
+(default: 15 % warm-up from lr/10, then cosine decay to lr/1000) or cosine learning rate, batch
+128, light augmentation on tensors (random 28×28 crop of the 2-px padded image + horizontal
+flip), channels_last (for the ViT it only changes the layout of the patch-embedding convolution).
+Every epoch the model is evaluated on the test split, and two files are written: the full training
+state (model, optimiser, schedule, epoch; in ``--state-dir``) so ``--resume`` continues exactly
+where it stopped, and the shipped artefacts ``<out>/<model>_fmnist.pt`` (fp32 state_dict) +
+``<out>/<model>_fmnist.json``.
 Each epoch draws its shuffling, augmentation and dropout from ``seed`` and the epoch index only,
 so an interrupted-then-resumed run equals an uninterrupted one.
 """
@@ -34,9 +41,21 @@ from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
 from ..evaluate import evaluate
 from . import models as _models
 
-__all__ = ["ARCHITECTURES", "QUICK_TEST", "augment", "train", "main"]
+__all__ = ["ARCHITECTURES", "RECIPES", "OPTIMIZERS", "QUICK_TEST", "augment", "train", "main"]
 
-ARCHITECTURES = {"resnet20": _models.resnet20, "mobilenetv2": _models.mobilenetv2}
+ARCHITECTURES = {"resnet20": _models.resnet20, "mobilenetv2": _models.mobilenetv2,
+                 "vit": _models.vit}
+OPTIMIZERS = ("sgd", "adamw")
+_SGD_RECIPE = {"optimizer": "sgd", "lr": 0.1, "sched": "onecycle", "weight_decay": 5e-4,
+               "label_smoothing": 0.0}
+#: The default training recipe of each architecture: what `train` (and the CLI) use for every
+#: option left at None.
+RECIPES: dict[str, dict] = {
+    "resnet20": dict(_SGD_RECIPE),
+    "mobilenetv2": dict(_SGD_RECIPE),
+    "vit": {"optimizer": "adamw", "lr": 2e-3, "sched": "onecycle", "weight_decay": 0.05,
+            "label_smoothing": 0.1},
+}
 QUICK_TEST = 2000  # the quick accuracy check uses the first 2 000 test images
 _PAD_VALUE = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel, normalised
 
@@ -66,11 +85,22 @@ def _test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[f
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
+    for name, p in model.named_parameters():
+        (decay if p.ndim > 1 and name not in skip else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
+               ) -> torch.optim.Optimizer:
+    groups = _param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(map(repr, OPTIMIZERS))}")
 
 
 def _scheduler(opt: torch.optim.Optimizer, sched: str, lr: float, total_steps: int):
@@ -84,13 +114,17 @@ def _scheduler(opt: torch.optim.Optimizer, sched: str, lr: float, total_steps: i
 
 
 def train(model_name: str = "resnet20", epochs: int = 10, out: str | os.PathLike = ".",
-          *, lr: float = 0.1, sched: str = "onecycle", batch_size: int = 128,
-          weight_decay: float = 5e-4, seed: int = 0, resume: bool = False,
+          *, lr: Optional[float] = None, sched: Optional[str] = None, batch_size: int = 128,
+          weight_decay: Optional[float] = None, seed: int = 0, resume: bool = False,
           limit_train: Optional[int] = None, stop_after: Optional[int] = None,
           state_dir: Optional[str | os.PathLike] = None, threads: int = 2,
           channels_last: bool = True, eval_limit: Optional[int] = None,
-          progress: bool = True, command: Optional[str] = None) -> dict:
+          progress: bool = True, command: Optional[str] = None,
+          optimizer: Optional[str] = None, label_smoothing: Optional[float] = None) -> dict:
     """Train ``model_name`` on Fashion-MNIST; returns the metadata dict written as JSON.
+
+    ``optimizer`` ("sgd" or "adamw"), ``lr`` (peak), ``sched``, ``weight_decay`` and
+    ``label_smoothing`` left at None take the architecture's :data:`RECIPES` values.
 
     ``stop_after`` ends this run after that many completed epochs in total (to be continued with
     ``resume=True``); ``limit_train`` trains on the first N training images only.
@@ -102,6 +136,12 @@ def train(model_name: str = "resnet20", epochs: int = 10, out: str | os.PathLike
         raise ValueError(f"unknown model {model_name!r}; valid: {', '.join(ARCHITECTURES)}")
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
+    recipe = RECIPES[model_name]
+    optimizer = recipe["optimizer"] if optimizer is None else optimizer
+    lr = recipe["lr"] if lr is None else lr
+    sched = recipe["sched"] if sched is None else sched
+    weight_decay = recipe["weight_decay"] if weight_decay is None else weight_decay
+    label_smoothing = recipe["label_smoothing"] if label_smoothing is None else label_smoothing
     torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,23 +163,23 @@ def train(model_name: str = "resnet20", epochs: int = 10, out: str | os.PathLike
         model = ARCHITECTURES[model_name]()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    opt = _optimizer(model, optimizer, lr, weight_decay)
     scheduler = _scheduler(opt, sched, lr, epochs * steps_per_epoch)
+    config = {"model": model_name, "epochs": epochs, "lr": lr, "sched": sched,
+              "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+              "limit_train": limit_train, "optimizer": optimizer,
+              "label_smoothing": label_smoothing}
     start_epoch, seconds, history = 0, 0.0, []
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["config"] != {"model": model_name, "epochs": epochs, "lr": lr, "sched": sched,
-                               "batch_size": batch_size, "weight_decay": weight_decay,
-                               "seed": seed, "limit_train": limit_train}:
+        # states saved before the optimizer / label-smoothing options were SGD without smoothing
+        if {"optimizer": "sgd", "label_smoothing": 0.0, **state["config"]} != config:
             raise ValueError(f"cannot resume from {state_path}: it was made with "
                              f"{state['config']}; pass the same options or drop --resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
-    config = {"model": model_name, "epochs": epochs, "lr": lr, "sched": sched,
-              "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
-              "limit_train": limit_train}
     last_epoch = epochs if stop_after is None else min(epochs, stop_after)
     meta: dict = {}
     for epoch in range(start_epoch, last_epoch):
@@ -157,7 +197,10 @@ def train(model_name: str = "resnet20", epochs: int = 10, out: str | os.PathLike
                 xb = augment(xtr[idx], gen)
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(model(xb), ytr[idx])
+                if label_smoothing:
+                    loss = F.cross_entropy(model(xb), ytr[idx], label_smoothing=label_smoothing)
+                else:
+                    loss = F.cross_entropy(model(xb), ytr[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -214,10 +257,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--model", default="resnet20", choices=sorted(ARCHITECTURES))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--out", default=str(Path(__file__).parent / "checkpoints"))
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--sched", default="onecycle", choices=["onecycle", "cosine"])
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="default: the model's recipe (sgd for the CNNs, adamw for vit)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the model's recipe, 0.1 CNNs / 2e-3 vit)")
+    p.add_argument("--sched", default=None, choices=["onecycle", "cosine"],
+                   help="default: the model's recipe (onecycle)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--wd", type=float, default=None,
+                   help="weight decay (default: the model's recipe, 5e-4 CNNs / 0.05 vit)")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="default: the model's recipe (0 for the CNNs, 0.1 for vit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from the saved state")
@@ -237,7 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  weight_decay=a.wd, seed=a.seed, resume=a.resume, limit_train=a.limit_train,
                  stop_after=a.stop_after, state_dir=a.state_dir, threads=a.threads,
                  channels_last=not a.no_channels_last, eval_limit=a.eval_limit,
-                 progress=not a.no_progress, command=cmd)
+                 progress=not a.no_progress, command=cmd, optimizer=a.optimizer,
+                 label_smoothing=a.label_smoothing)
     print(json.dumps({k: v for k, v in meta.items() if k != "history"}))
     return 0
 
