@@ -108,10 +108,11 @@ def worker(a: argparse.Namespace) -> None:
            "profile_parts_s": {k: round(v, 3) for k, v in prof.timings.items()}}
     row["ratio"] = row["profile_s"] / row["forward_s"]
     row["samples_per_s"] = a.n / row["profile_s"]
-    if a.table:
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if a.table:  # after the RSS reading: the table's own memory is reported apart
         t, _ = _profile(model, data, a.n, a.batch_size, (2, 3, 4, 5, 6, 7, 8), device)
         row["profile_with_table_s"] = t
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["peak_rss_with_table_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if a.gpu:
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(row), flush=True)
@@ -200,6 +201,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dp", action="store_true", help="also the 2-process data-parallel rows")
     p.add_argument("--dp-samples", type=int, default=128)
+    p.add_argument("--dp-only", action="store_true", help="only the data-parallel rows")
     p.add_argument("--gpu", action="store_true", help="the 1 B decoder in bf16 on CUDA")
     p.add_argument("--table", action="store_true",
                    help="also time the default profile (with the distortion table) at the "
@@ -223,7 +225,7 @@ def main(argv=None) -> None:
     rows = []
     print(f"{'model':6} {'N':>5} {'forward s':>10} {'profile s':>10} {'ratio':>6} "
           f"{'samples/s':>9} {'peak RSS MiB':>12}")
-    for model in models:
+    for model in [] if a.dp_only else models:
         for i, n in enumerate(sizes):
             row = _run(_worker_cmd(model, n, a, table=a.table and i == 0))
             rows.append(row)
@@ -239,7 +241,7 @@ def main(argv=None) -> None:
                   "(target ≤ 1.1)")
     result = {"cpu": cpu_name(), "torch": torch.__version__, "tokens": TOKENS,
               "threads": a.threads, "rows": rows}
-    if a.dp:
+    if a.dp or a.dp_only:
         dp = data_parallel(a)
         result["data_parallel"] = dp
         print(f"2 processes × 1 thread vs 1 process × 2 threads, BERT shape, N = {dp['n']}: "

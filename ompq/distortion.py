@@ -127,7 +127,7 @@ class LayerMeter:
     def __init__(self, bits: tuple[int, ...], samples: int, scale: Optional[Tensor],
                  channels: int) -> None:
         self.bits, self.samples, self.scale = bits, samples, scale
-        self.deltas: Optional[list[Tensor]] = None  # ΔW per width, set at the first call
+        self.qparams: Optional[list[tuple]] = None  # (scale, zp, qmin, qmax) per width
         self.w_folded: Optional[Tensor] = None
         self.weight = [0.0] * len(bits)
         self.noise = [0.0] * len(bits)
@@ -142,28 +142,32 @@ class LayerMeter:
             return 0.0
         return max(0.0, self.sum_y2 - float(self.sum_y.square().sum()) / self.count)
 
-    def _weight_deltas(self, module: nn.Module) -> list[Tensor]:
+    def _quantize_weights(self, module: nn.Module) -> None:
+        """Search each width's scale on the (BN-folded) weight once; the weight row. The ΔW are
+        rebuilt per call (one at a time), so the meters hold no copy per width."""
         w = module.weight.detach().float()
         if self.scale is not None:
             w = w * self.scale.to(w.device).reshape([-1] + [1] * (w.dim() - 1))
-        deltas = []
-        wc = w.reshape(w.shape[0], -1)
+        self.w_folded, self.qparams = w, []
         for k, b in enumerate(self.bits):
-            scale, zp = search_scale(wc, b)
-            qmin, qmax = weight_qrange(b, False)
-            d = (ops.fake_quant(wc, scale, zp, qmin, qmax, 0) - wc).reshape(w.shape)
-            self.weight[k] = float(d.double().square().sum())
-            deltas.append(d)
-        self.w_folded = w
-        return deltas
+            scale, zp = search_scale(w.reshape(w.shape[0], -1), b)
+            self.qparams.append((scale, zp, *weight_qrange(b, False)))
+            self.weight[k] = float(self._delta(k).double().square().sum())
+
+    def _delta(self, k: int) -> Tensor:
+        """ΔW = Q_b(W) − W at the k-th width."""
+        w = self.w_folded
+        wc = w.reshape(w.shape[0], -1)
+        scale, zp, qmin, qmax = self.qparams[k]
+        return (ops.fake_quant(wc, scale, zp, qmin, qmax, 0) - wc).reshape(w.shape)
 
     @torch.no_grad()
     def update(self, module: nn.Module, inp: Tensor, out: Tensor) -> None:
         """Add one call: `inp` holds the input rows to measure (the caller keeps the first
         `samples` samples, and for token inputs may pass the real tokens as a (tokens, H)
         matrix), `out` the layer's output."""
-        if self.deltas is None:
-            self.deltas = self._weight_deltas(module)
+        if self.qparams is None:
+            self._quantize_weights(module)
         x = inp
         if x.dtype != self.w_folded.dtype:
             x = x.to(self.w_folded.dtype)
@@ -171,8 +175,8 @@ class LayerMeter:
         self.sum_y += y.sum(dim=1).cpu()
         self.sum_y2 += float(y.square().sum())
         self.count += y.shape[1]
-        for k, d in enumerate(self.deltas):
-            self.noise[k] += float(_linear_part(module, x, d).double().square().sum())
+        for k in range(len(self.bits)):
+            self.noise[k] += float(_linear_part(module, x, self._delta(k)).double().square().sum())
 
     def state(self) -> tuple[Tensor, Tensor]:
         """(weight row, sums) as float64 vectors, for all-reduces: the weight row is the same

@@ -155,6 +155,15 @@ ROWS = [
         ("'conv_nothing'", "matches no layer", "layers:")),
     Row("profile-include-matches-nothing", ("profile", *SMALL, "--include", "zz*"),
         ("'zz*'", "matches no layer")),
+    # micro-batches, token masks and data factories (large models)
+    Row("profile-batch-size-3", ("profile", *SMALL, "--batch-size", "3"),
+        ("--batch-size", "'3'", ">= 4"), sub=True),
+    Row("profile-mask-key-missing", ("profile", "--model", "ompq.zoo.transformer:tiny_encoder",
+                                     "--data", "ompq.zoo.transformer:tokens", "-n", "8",
+                                     "--mask", "pad", "--no-progress"),
+        ("mask='pad'", "names no entry", "attention_mask")),
+    Row("profile-data-factory-missing", ("profile", *SMALL[:2], "--data", "nope_mod:fn",
+                                         "--no-progress"), ("'nope_mod'", "module.path:factory")),
     # data that is not there
     Row("eval-empty-image-folder", ("eval", "--model", MODEL, "--data",
                                     "imagefolder:{ws}/empty_images", "--no-progress"),

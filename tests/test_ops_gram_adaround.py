@@ -71,21 +71,24 @@ def test_gram_deterministic(gen):
     assert torch.equal(ops.centered_gram(x), ops.centered_gram(x))
 
 
-@pytest.mark.parametrize("fn", [ops.centered_gram, reference.centered_gram])
+@pytest.mark.parametrize("fn", [ops.centered_gram, reference.centered_gram,
+                                ops.centered_gram_mm, reference.centered_gram_mm])
 def test_gram_errors(fn):
-    with pytest.raises(ValueError, match="N×D matrix"):
+    # centered_gram_mm: the same exception types and messages as centered_gram.
+    with pytest.raises(ValueError, match="centered_gram: expected an N×D matrix"):
         fn(torch.randn(10))
     with pytest.raises(ValueError, match="at least 2 samples"):
         fn(torch.randn(1, 10))
-    with pytest.raises(TypeError, match="unsupported dtype"):
-        fn(torch.ones(4, 10, dtype=torch.int32))
+    for dtype in (torch.int32, torch.float64):
+        with pytest.raises(TypeError, match="unsupported dtype"):
+            fn(torch.ones(4, 10, dtype=dtype))
     bad = torch.randn(4, 10)
-    bad[2, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        fn(bad)
-    bad[2, 3] = float("inf")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        fn(bad)
+    for v in (float("nan"), float("inf"), float("-inf")):
+        bad[2, 3] = v
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fn(bad)
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the centred fp32 Gram overflows
+        fn(torch.tensor([[3e19, 0.0], [-3e19, 1.0]]))
 
 
 def test_gram_backward_matches_reference(gen):
