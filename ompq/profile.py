@@ -443,6 +443,7 @@ class _Plan:
     debiased: bool
     dist_samples: int
     world: int
+    rank: int
 
 
 def _batch_inputs(plan: _Plan, span: tuple[int, int]) -> tuple[Any, Optional[Tensor]]:
@@ -463,7 +464,7 @@ def _record(model: nn.Module, layers: list, plan: _Plan, feature: str, progress:
     example, _ = _batch_inputs(plan, (plan.mine[0][0], plan.mine[0][0] + 2))
     _run_input(model, example, memory_format)  # a bad memory_format fails before any forward
     meters = _meters(model, layers, example, bits, plan.dist_samples)
-    pbar = _make_pbar(len(layers) * len(plan.mine), progress)
+    pbar = _make_pbar(len(layers) * len(plan.mine), progress and plan.rank == 0)
     rec = _Recorder([n for n, _ in layers], feature, pbar, meters)
     acc = HSICAccumulator(plan.debiased)
     order: list[str] = []
@@ -541,7 +542,7 @@ def _plan(model: nn.Module, inputs: Any, num_samples: int, seed: int, batch_size
     target = torch.device(device) if device is not None else home
     return _Plan(sample=sample, spans=spans, mine=spans[rank::world],
                  masks=_resolve_masks(mask, sample), target=target, debiased=bool(debiased),
-                 dist_samples=min(distortion_samples, num_samples), world=world)
+                 dist_samples=min(distortion_samples, num_samples), world=world, rank=rank)
 
 
 @stage("profiling")
@@ -569,9 +570,9 @@ def profile(model: nn.Module, inputs: Any, *, num_samples: int = 64, seed: int =
     if any), a dict key, an (N, T) tensor drawn with the inputs, or None; padded positions of
     every (m, T, …) feature are zeroed. Under `torchrun` each process profiles its share of the
     micro-batches (default batch: N / processes) and the sums are all-reduced; every process
-    returns the same Profile. `memory_format`: "auto" feeds a 4-D tensor input to a model with
-    Conv2d layers in channels_last (a forward that fails on it is rerun once as drawn, with a
-    warning), "channels_last" always, "preserve" never. `distortion_bits`: widths of the
+    returns the same Profile (progress bars on rank 0 only). `memory_format`: "auto" feeds a
+    4-D tensor input to a model with Conv2d layers in channels_last (a forward that fails on it
+    is rerun once as drawn, with a warning), "channels_last" always, "preserve" never. `distortion_bits`: widths of the
     distortion table (None skips it), measured on the first `distortion_samples` samples.
     Returns a `Profile` whose layers are in execution order; selected layers that do not run
     raise ValueError. Details: docs/DESIGN.md, "Profiler".
