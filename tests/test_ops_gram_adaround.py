@@ -91,20 +91,22 @@ def test_gram_errors(fn):
         fn(torch.tensor([[3e19, 0.0], [-3e19, 1.0]]))
 
 
-def test_gram_backward_matches_reference(gen):
+@pytest.mark.parametrize("name", ["centered_gram", "centered_gram_mm"])
+def test_gram_backward_matches_reference(gen, name):
     x = torch.randn(6, 4, 7, generator=gen) + 3
     wgt = torch.randn(6, 6, generator=gen)
     xa = x.clone().requires_grad_()
-    (ops.centered_gram(xa) * wgt).sum().backward()
+    (getattr(ops, name)(xa) * wgt).sum().backward()
     xr = x.double().requires_grad_()
     xc = xr.reshape(6, -1) - xr.reshape(6, -1).mean(0, keepdim=True)
     ((xc @ xc.T) * wgt.double()).sum().backward()
     torch.testing.assert_close(xa.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_gram_opcheck(gen):
+@pytest.mark.parametrize("name", ["centered_gram", "centered_gram_mm"])
+def test_gram_opcheck(gen, name):
     x = torch.randn(5, 40, generator=gen)
-    torch.library.opcheck(OPS.centered_gram.default, (x,),
+    torch.library.opcheck(getattr(OPS, name).default, (x,),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -124,22 +124,7 @@ def test_reduced_fp32_matmul_precision_is_not_used(gen):
     assert err < 1e-6
 
 
-def test_backward_matches_fp64(gen):
-    x = torch.randn(6, 4, 7, generator=gen) + 3
-    wgt = torch.randn(6, 6, generator=gen)
-    xa = x.clone().requires_grad_()
-    (ops.centered_gram_mm(xa) * wgt).sum().backward()
-    xr = x.double().requires_grad_()
-    xc = xr.reshape(6, -1) - xr.reshape(6, -1).mean(0, keepdim=True)
-    ((xc @ xc.T) * wgt.double()).sum().backward()
-    torch.testing.assert_close(xa.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
-
-
-def test_opcheck(gen):
-    x = torch.randn(5, 40, generator=gen)
-    torch.library.opcheck(OPS.centered_gram_mm.default, (x,),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_autograd_registration"))
+# Backward and opcheck: with centered_gram's (tests/test_ops_gram_adaround.py).
 
 
 # ------------------------------------------------------------------------------------ CUDA --
