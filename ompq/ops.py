@@ -169,6 +169,16 @@ def centered_gram_mm(x: Tensor) -> Tensor:
     return reference.centered_gram_mm(x)
 
 
+def centered_gram_masked(x: Tensor, mask: Tensor) -> Tensor:
+    """`centered_gram` of an (N, T, …) feature whose positions with `mask[i, t] == 0` (an (N, T)
+    bool/0-1 tensor: padded tokens) count as 0. The compiled CPU kernel applies the mask while it
+    centres each column chunk, with no masked copy of x; other devices (and no extension) use
+    `reference.centered_gram_masked` (a masked copy). Inference only (no gradient)."""
+    if x.device.type == "cpu" and has_op("centered_gram_masked"):
+        return torch.ops.ompq.centered_gram_masked(x, mask)
+    return reference.centered_gram_masked(x, mask)
+
+
 # --- adaround / adaround_reg / centered_gram: fake (meta) kernels and autograd ------------------
 _HAS_ADAROUND = has_op("adaround_fake_quant") and has_op("adaround_fake_quant_backward")
 _HAS_ADAROUND_REG = has_op("adaround_reg") and has_op("adaround_reg_backward")
@@ -270,6 +280,9 @@ if _HAS_GRAM:
     _register("centered_gram", _gram_fake, _gram_backward, _gram_setup_context)
 if _HAS_GRAM_MM:
     _register("centered_gram_mm", _gram_fake, _gram_backward, _gram_setup_context)
+if has_op("centered_gram_masked"):
+    torch.library.register_fake("ompq::centered_gram_masked")(
+        lambda x, mask: _gram_fake(x))
 
 
 # --- packed low-bit weights: pack_rows, unpack_rows, packed_linear (inference only) ------------

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ._jsonio import load_json_payload, write_json
 from .bitconfig import check_bits
+from . import ops
 from .data import Sample, draw_sample
 from .distributed import all_reduce, rank_world
 from .inputs import num_rows, to_device
@@ -296,16 +297,21 @@ class _Recorder:
         if cuda:  # time the Gram work alone
             torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
-        masked = x if self.no_padding else _mask_feature(x, self.mask)
-        if self.first and self.mask is not None and _mask_matches(x, self.mask):
+        matches = self.mask is not None and _mask_matches(x, self.mask)
+        if self.first and matches:
             self.masked_layers += 1
         try:
-            gram = feature_gram(masked)
+            if matches and not self.no_padding:
+                gram = feature_gram(_mask_feature(x, self.mask)) if x.dtype == torch.float64 \
+                    else ops.centered_gram_masked(x, self.mask)  # no masked copy on CPU
+                energy = _energy_estimate(_mask_feature(x[:1], self.mask[:1])) * x.shape[0]
+            else:
+                gram = feature_gram(x)
+                energy = _energy_estimate(x)  # float(): waits for the GPU too
         except ValueError as err:  # the compiled op refuses NaN/Inf: name the layer
             raise ValueError(f"layer {name!r} has a non-finite feature: {err}") from err
         if gram.dtype != torch.float32:
             gram = gram.float()
-        energy = _energy_estimate(masked)  # float(): waits for the GPU too
         self.gram_seconds += time.perf_counter() - t0
         self.gram_calls += 1
         if name in self.grams:

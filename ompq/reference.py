@@ -239,6 +239,20 @@ def centered_gram(x: Tensor) -> Tensor:
     return g
 
 
+def centered_gram_masked(x: Tensor, mask: Tensor) -> Tensor:
+    """`centered_gram` of the (N, T, …) feature x with x[i, t] set to 0 where mask[i, t] is 0
+    (the compiled `centered_gram_masked`, with a masked copy). Same checks as `centered_gram`,
+    and ValueError for a mask that is not (N, T)."""
+    if x.dim() < 3:
+        raise ValueError(f"centered_gram_masked: expected an (N, T, ...) feature, got shape "
+                         f"{tuple(x.shape)}")
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"centered_gram_masked: the mask must be (N, T) = {tuple(x.shape[:2])} "
+                         f"like the feature's first two dims, got {tuple(mask.shape)}")
+    keep = (mask != 0).to(x.device).reshape(tuple(mask.shape) + (1,) * (x.dim() - 2))
+    return centered_gram(x.masked_fill(~keep, 0))
+
+
 def centered_gram_mm(x: Tensor) -> Tensor:
     """The GEMM formulation of `centered_gram` (what the compiled `centered_gram_mm` computes).
 

@@ -36,7 +36,8 @@ import torch
 import ompq.ops
 ops = ["fake_quant", "fake_quant_backward", "lsq_fake_quant", "lsq_fake_quant_backward",
        "adaround_fake_quant", "adaround_fake_quant_backward", "adaround_reg",
-       "adaround_reg_backward", "centered_gram", "pack_rows", "unpack_rows", "packed_linear"]
+       "adaround_reg_backward", "centered_gram", "centered_gram_mm", "pack_rows", "unpack_rows",
+       "packed_linear"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ompq::{o}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("CUDA kernels registered for all", len(ops), "ops")

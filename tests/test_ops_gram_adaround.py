@@ -273,3 +273,29 @@ def test_torch_compile(gen):
     out_e.backward()
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(va.grad, vb.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 7, 3), (33, 16, 40), (4, 128, 3, 5)])
+def test_masked_gram_matches_fp64(gen, dtype, shape):
+    x = (torch.randn(*shape, generator=gen) * 2 + 1).to(dtype)
+    mask = torch.rand(shape[:2], generator=gen) > 0.3
+    keep = mask.reshape(mask.shape + (1,) * (x.dim() - 2))
+    ref = gram64(x.double().masked_fill(~keep, 0))
+    for fn in (ops.centered_gram_masked, reference.centered_gram_masked):
+        assert rel_err(fn(x, mask), ref) < 1e-6
+    assert torch.equal(ops.centered_gram_masked(x, torch.ones_like(mask)), ops.centered_gram(x))
+
+
+def test_masked_gram_strides_and_errors(gen):
+    x = torch.randn(16, 3, 10, generator=gen).transpose(0, 1)  # non-contiguous (3, 16, 10)
+    mask = torch.rand(3, 16, generator=gen) > 0.5
+    torch.testing.assert_close(ops.centered_gram_masked(x, mask),
+                               reference.centered_gram_masked(x, mask))
+    for fn in (ops.centered_gram_masked, reference.centered_gram_masked):
+        with pytest.raises(ValueError, match=r"mask must be \(N, T\) = \(3, 16\)"):
+            fn(x, mask[:, :5])
+        with pytest.raises(ValueError, match=r"expected an \(N, T, \.\.\.\) feature"):
+            fn(x[:, 0], mask)
+    torch.library.opcheck(OPS.centered_gram_masked.default, (x.contiguous(), mask),
+                          test_utils=("test_schema", "test_faketensor"))

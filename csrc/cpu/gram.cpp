@@ -93,9 +93,11 @@ void rows_to_f32(const T* x, int64_t rows, int64_t ld, int64_t cols, float* dst,
 // Write columns [col0, col0 + cols) of x (n rows, row stride ld), centred over the n samples, into
 // bt transposed: bt[k * np + i] = x[i][col0 + k] - mean_k, with bt[k][n..np) = 0.
 // `stage` is scratch of kRowBlock × cols floats (used for 16-bit inputs).
+// Masked variant (`mcol` not null): column c belongs to token c / h, and sample i's value is
+// multiplied by mcol[(c / h) * np + i] (0 or 1) before the mean, i.e. padded positions are 0.
 template <typename T>
 void centre_chunk_t(const T* x, int64_t n, int64_t np, int64_t ld, int64_t col0, int64_t cols,
-                    float* stage, float* bt) {
+                    float* stage, float* bt, const float* mcol = nullptr, int64_t h = 1) {
   for (int64_t r0 = 0; r0 < n; r0 += kRowBlock) {
     const int rows = static_cast<int>(std::min(kRowBlock, n - r0));
     if constexpr (std::is_same_v<T, float>) {
@@ -110,6 +112,10 @@ void centre_chunk_t(const T* x, int64_t n, int64_t np, int64_t ld, int64_t col0,
   for (int64_t k = 0; k < cols; ++k) {
     float* row = bt + k * np;
     for (int64_t i = n; i < np; ++i) row[i] = 0.f;
+    if (mcol != nullptr) {
+      const float* m = mcol + ((col0 + k) / h) * np;
+      for (int64_t i = 0; i < np; i += kVec) (Vec::loadu(row + i) * Vec::loadu(m + i)).store(row + i);
+    }
     Vec s(0.f);
     for (int64_t i = 0; i < np; i += kVec) s = s + Vec::loadu(row + i);
     const float mean =
@@ -175,7 +181,8 @@ void chunk_gram_t(const float* bt, int64_t n, int64_t np, int64_t cols, float* c
 }
 
 template <typename T>
-void gram_impl(const T* x, int64_t n, int64_t d, int64_t ld, float* out) {
+void gram_impl(const T* x, int64_t n, int64_t d, int64_t ld, float* out,
+               const float* mcol = nullptr, int64_t h = 1) {
   static_assert(kRowBlock % kVec == 0, "row padding must be a multiple of the vector width");
   const int64_t np = ((n + kRowBlock - 1) / kRowBlock) * kRowBlock;
   const int64_t cw = chunk_width(np, d);
@@ -192,7 +199,7 @@ void gram_impl(const T* x, int64_t n, int64_t d, int64_t ld, float* out) {
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t col0 = ch * cw;
       const int64_t cols = std::min(cw, d - col0);
-      centre_chunk_t(x, n, np, ld, col0, cols, stage.data(), bt.data());
+      centre_chunk_t(x, n, np, ld, col0, cols, stage.data(), bt.data(), mcol, h);
       std::fill(c.begin(), c.end(), 0.f);
       chunk_gram_t(bt.data(), n, np, cols, c.data());
       for (int64_t i = 0; i < n; ++i)
@@ -209,8 +216,8 @@ void gram_impl(const T* x, int64_t n, int64_t d, int64_t ld, float* out) {
     }
 }
 
-at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
-  const at::Tensor x = gram_prepare_input(x_in);
+// The Gram of x (checked N×D, see gram_prepare_input), optionally masked per token (mcol, h).
+at::Tensor gram_dispatch(const at::Tensor& x, const float* mcol, int64_t h) {
   const int64_t n = x.size(0), d = x.size(1);
   at::Tensor out = at::zeros({n, n}, x.options().dtype(at::kFloat));
   if (d == 0) return out;
@@ -218,14 +225,41 @@ at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
   float* o = out.data_ptr<float>();
   const auto dtype = x.scalar_type();
   if (dtype == at::kFloat) {
-    gram_impl(x.const_data_ptr<float>(), n, d, ld, o);
+    gram_impl(x.const_data_ptr<float>(), n, d, ld, o, mcol, h);
   } else if (dtype == at::kHalf) {
-    gram_impl(x.const_data_ptr<at::Half>(), n, d, ld, o);
+    gram_impl(x.const_data_ptr<at::Half>(), n, d, ld, o, mcol, h);
   } else {
-    gram_impl(x.const_data_ptr<at::BFloat16>(), n, d, ld, o);
+    gram_impl(x.const_data_ptr<at::BFloat16>(), n, d, ld, o, mcol, h);
   }
   gram_check_finite(out);
   return out;
+}
+
+at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
+  return gram_dispatch(gram_prepare_input(x_in), nullptr, 1);
+}
+
+// centered_gram_masked(x, mask): the Gram of x (N×T×…) with x[i, t] set to 0 where mask[i, t]
+// is 0 (padded tokens), without materialising the masked copy: the mask is applied to each
+// column chunk while it is transposed and centred.
+at::Tensor centered_gram_masked_cpu(const at::Tensor& x_in, const at::Tensor& mask) {
+  TORCH_CHECK_VALUE(x_in.dim() >= 3, "centered_gram_masked: expected an (N, T, ...) feature, got "
+                    "shape ", x_in.sizes());
+  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == x_in.size(0) &&
+                        mask.size(1) == x_in.size(1),
+                    "centered_gram_masked: the mask must be (N, T) = (", x_in.size(0), ", ",
+                    x_in.size(1), ") like the feature's first two dims, got ", mask.sizes());
+  const at::Tensor x = gram_prepare_input(x_in);
+  const int64_t n = x.size(0), t = mask.size(1);
+  const int64_t h = t > 0 ? x.size(1) / t : 1;
+  const int64_t np = ((n + kRowBlock - 1) / kRowBlock) * kRowBlock;
+  // Transposed mask, one row of np samples per token (padding samples: 0).
+  const at::Tensor m = mask.to(at::kFloat).contiguous();
+  const float* mp = m.const_data_ptr<float>();
+  std::vector<float> mcol(std::max<int64_t>(t, 1) * np, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < t; ++k) mcol[k * np + i] = mp[i * t + k] != 0.f ? 1.f : 0.f;
+  return gram_dispatch(x, mcol.data(), std::max<int64_t>(h, 1));
 }
 
 }  // namespace
@@ -233,8 +267,10 @@ at::Tensor centered_gram_cpu(const at::Tensor& x_in) {
 
 TORCH_LIBRARY_FRAGMENT(ompq, m) {
   m.def("centered_gram(Tensor x) -> Tensor");
+  m.def("centered_gram_masked(Tensor x, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ompq, CPU, m) {
   m.impl("centered_gram", &ompq::centered_gram_cpu);
+  m.impl("centered_gram_masked", &ompq::centered_gram_masked_cpu);
 }
