@@ -501,16 +501,20 @@ def _rows(kind: str, src: Any, start: int, stop: int) -> Inputs:
     return _stack_items(src, torch.arange(start, stop))
 
 
+def _check_labels(labels: Any, n: int) -> None:
+    """Labels must be a tensor with one row per sample of the inputs (N = n)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != n:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
+        raise ValueError(f"labels have shape {shape}; they need one row per sample of the "
+                         f"inputs (N = {n})")
+
+
 class LabelledRows(Dataset):
     """An ``(inputs, labels)`` pair as a Dataset of ``(x, y)`` items, x a tensor, dict or tuple
     of one sample's rows (the DataLoader's default collate batches them back)."""
 
     def __init__(self, inputs: Inputs, labels: torch.Tensor) -> None:
-        n = num_rows(inputs)
-        if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != n:
-            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
-            raise ValueError(f"labels have shape {shape}; they need one row per sample of the "
-                             f"inputs (N = {n})")
+        _check_labels(labels, num_rows(inputs))
         self.inputs, self.labels = inputs, labels
 
     def __len__(self) -> int:
@@ -526,9 +530,7 @@ def labelled_dataset(data: Any) -> Dataset:
     inputs, labels = split_labels(data)
     if labels is not None:
         if isinstance(inputs, torch.Tensor):
-            if labels.shape[:1] != inputs.shape[:1]:
-                raise ValueError(f"labels have shape {tuple(labels.shape)}; they need one row "
-                                 f"per sample of the inputs (N = {inputs.shape[0]})")
+            _check_labels(labels, num_rows(inputs))
             return TensorDataset(inputs, labels)
         return LabelledRows(inputs, labels)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
@@ -548,9 +550,7 @@ def labelled_batches(data: Any, batch_size: int) -> Iterator[tuple[Inputs, torch
         inputs, labels = data.tensors[0], data.tensors[1]
     if labels is not None:
         n = num_rows(inputs)
-        if labels.dim() == 0 or labels.shape[0] != n:
-            raise ValueError(f"labels have shape {tuple(labels.shape)}; they need one row per "
-                             f"sample of the inputs (N = {n})")
+        _check_labels(labels, n)
         for i in range(0, n, batch_size):
             yield slice_rows(inputs, i, i + batch_size), labels[i:i + batch_size]
         return

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_path
 from .data import iter_batches
-from .inputs import num_rows, to_device
+from .inputs import leaves, num_rows, to_device
 from .packed import weight_codes
 from .quantize import act_quantizer, quant_layers, swap_quantizers, weight_quantizer
 from .stages import stage
@@ -180,15 +180,17 @@ def _onnx_inputs(example: Any, input_name: str) -> tuple[tuple, list[str], dict]
     """(export args, input names, dynamic axes) of an example batch of any form: one tensor
     (named `input_name`), a tuple (`input_name`_0, …) or a dict (its keys, passed as keyword
     arguments). Dim 0 is dynamic ("batch"), and dim 1 of 2-D integer inputs ("sequence")."""
+    tensors = [v.detach().cpu() for _, v in leaves(example)]
     if isinstance(example, dict):
-        values = {k: v.detach().cpu() for k, v in example.items() if isinstance(v, Tensor)}
-        args, names = (values,), list(values)
-        tensors = list(values.values())
+        names = [k for k, v in example.items() if isinstance(v, Tensor)]
+        args = (dict(zip(names, tensors)),)
     elif isinstance(example, (tuple, list)):
-        tensors = [v.detach().cpu() for v in example]
+        if len(tensors) != len(example):
+            raise ValueError("the ONNX export needs every positional input to be a tensor, got "
+                             f"{[type(v).__name__ for v in example]}; pass the others as keyword "
+                             "inputs (a dict) or bind them in the model")
         args, names = tuple(tensors), [f"{input_name}_{k}" for k in range(len(tensors))]
     else:
-        tensors = [example.detach().cpu()]
         args, names = (tensors[0],), [input_name]
     axes = {}
     for name, t in zip(names, tensors):
@@ -200,11 +202,8 @@ def _onnx_inputs(example: Any, input_name: str) -> tuple[tuple, list[str], dict]
 
 def _feeds(sess: Any, x: Any) -> dict:
     """onnxruntime feeds for a batch of any form (float inputs as float32)."""
-    tensors = list(x.values()) if isinstance(x, dict) else \
-        list(x) if isinstance(x, (tuple, list)) else [x]
-    tensors = [t for t in tensors if isinstance(t, Tensor)]
     out = {}
-    for meta, t in zip(sess.get_inputs(), tensors):
+    for meta, (_, t) in zip(sess.get_inputs(), leaves(x)):
         t = t.detach().cpu()
         out[meta.name] = (t.float() if t.is_floating_point() else t).numpy()
     return out

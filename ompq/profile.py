@@ -149,33 +149,27 @@ MASK_KEY = "attention_mask"
 
 
 class _Masks:
-    """Where each micro-batch's (m, T) token mask comes from: a dict entry of the inputs, a
-    tensor drawn with the same rows as the inputs, or nowhere."""
+    """Where each micro-batch's (m, T) token mask comes from: a dict entry of the inputs (`auto`:
+    only if present), a tensor drawn with the same rows as the inputs, or nowhere."""
 
     def __init__(self, mask: Union[str, Tensor, None], sample: Sample) -> None:
-        self.key: Optional[str] = None
+        self.auto = isinstance(mask, str) and mask == "auto"
+        self.key: Optional[str] = MASK_KEY if self.auto else mask if isinstance(mask, str) \
+            else None
         self.rows: Optional[Tensor] = None
         if isinstance(mask, Tensor):
-            if isinstance(sample.source, Tensor) or isinstance(sample.source, dict):
-                if sample.dataset:
-                    raise ValueError("a mask tensor needs inputs given as a tensor or a dict of "
-                                     "tensors; for a Dataset or a stream put the mask in the "
-                                     "items (a dict entry) and name it: mask='attention_mask'")
-                have = num_rows(sample.source)
-                if mask.dim() != 2 or mask.shape[0] != have:
-                    raise ValueError(f"mask has shape {tuple(mask.shape)}; it must be (N, T) "
-                                     f"with the N = {have} rows of the inputs")
-                self.rows = mask
-            else:
+            if sample.dataset or not isinstance(sample.source, (Tensor, dict)):
                 raise ValueError("a mask tensor needs inputs given as a tensor or a dict of "
                                  "tensors; for a Dataset or a stream put the mask in the items "
                                  "(a dict entry) and name it: mask='attention_mask'")
-        elif isinstance(mask, str):
-            self.key = mask
-        elif mask is not None:
+            have = num_rows(sample.source)
+            if mask.dim() != 2 or mask.shape[0] != have:
+                raise ValueError(f"mask has shape {tuple(mask.shape)}; it must be (N, T) with the "
+                                 f"N = {have} rows of the inputs")
+            self.rows = mask
+        elif mask is not None and not isinstance(mask, str):
             raise TypeError(f"mask must be 'auto', None, a dict key (str) or an (N, T) tensor, got "
                             f"{type(mask).__name__}")
-        self.auto = False
 
     def of(self, batch: Any, idx: Tensor) -> Optional[Tensor]:
         """The boolean (m, T) mask of one micro-batch (inputs `batch`, sample indices `idx`)."""
@@ -200,14 +194,6 @@ class _Masks:
                                  "padding")
             m = m != 0
         return m
-
-
-def _resolve_masks(mask: Any, sample: Sample) -> _Masks:
-    if isinstance(mask, str) and mask == "auto":
-        masks = _Masks(MASK_KEY, sample)
-        masks.auto = True
-        return masks
-    return _Masks(mask, sample)
 
 
 def _mask_matches(x: Tensor, mask: Tensor) -> bool:
@@ -547,7 +533,7 @@ def _plan(model: nn.Module, inputs: Any, num_samples: int, seed: int, batch_size
     home = _model_device(model)
     target = torch.device(device) if device is not None else home
     return _Plan(sample=sample, spans=spans, mine=spans[rank::world],
-                 masks=_resolve_masks(mask, sample), target=target, debiased=bool(debiased),
+                 masks=_Masks(mask, sample), target=target, debiased=bool(debiased),
                  dist_samples=min(distortion_samples, num_samples), world=world, rank=rank)
 
 

@@ -243,15 +243,9 @@ def _capture_inputs(model: nn.Module, block: nn.Module, x: Any, batch_size: int)
                       {k: _detach(v) for k, v in kwargs.items()}))
         raise _Stop
 
-    sizes = []
     with Hooks() as hooks:
         hooks.pre(block, grab, first=True, with_kwargs=True)
-        for chunk in _chunks(x, batch_size):
-            sizes.append(num_rows(chunk))
-            try:
-                call_model(model, chunk)
-            except _Stop:
-                pass
+        sizes = _run_chunks(model, x, batch_size)
     return _block_inputs(calls, sizes)
 
 
@@ -266,12 +260,21 @@ def _capture_outputs(model: nn.Module, block: nn.Module, x: Any, batch_size: int
 
     with Hooks() as hooks:
         hooks.post(block, grab)
-        for chunk in _chunks(x, batch_size):
-            try:
-                call_model(model, chunk)
-            except _Stop:
-                pass
+        _run_chunks(model, x, batch_size)
     return torch.cat(chunks)
+
+
+def _run_chunks(model: nn.Module, x: Any, batch_size: int) -> list[int]:
+    """Forward x chunk by chunk, each forward possibly ended early by a hook (`_Stop`); returns
+    the chunks' sizes."""
+    sizes = []
+    for chunk in _chunks(x, batch_size):
+        sizes.append(num_rows(chunk))
+        try:
+            call_model(model, chunk)
+        except _Stop:
+            pass
+    return sizes
 
 
 def _chunks(x: Any, batch_size: int) -> list[Any]:

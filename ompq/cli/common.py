@@ -384,20 +384,28 @@ def _model_error(spec: str, why: str) -> ValueError:
                       f"\nzoo models: {', '.join(zoo.list_models())}")
 
 
-def _from_factory(spec: str) -> nn.Module:
+def _import_attr(spec: str, what: str, fail: Callable[[str], Exception]) -> Any:
+    """The object named by `module.path:attr.sub` (`what`: "module" or "data module"); `fail`
+    turns a one-line reason into the exception to raise."""
     mod_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as err:
-        raise _model_error(spec, f"cannot import module {mod_name!r} ({err})") from None
+        raise fail(f"cannot import {what} {mod_name!r} ({err})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise _model_error(spec, f"module {mod_name!r} has no attribute {attr!r}")
+            raise fail(f"{what} {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    return obj
+
+
+def _from_factory(spec: str) -> nn.Module:
+    obj = _import_attr(spec, "module", lambda why: _model_error(spec, why))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FACTORY_SEED)  # random weights: the same in every run and process
         model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(model, nn.Module):
+        attr = spec.partition(":")[2]
         raise _model_error(spec, f"{attr!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
@@ -483,16 +491,8 @@ def resolve_data(spec: str, split: str = "test", seed: int = 0) -> Any:
 
 
 def _data_from_factory(spec: str) -> Any:
-    mod_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import data module {mod_name!r} ({err}); valid data: "
-                         f"{DATA_FORMS}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"data module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = _import_attr(spec, "data module",
+                       lambda why: ValueError(f"{why}; valid data: {DATA_FORMS}"))
     return obj() if callable(obj) and not isinstance(obj, torch.utils.data.Dataset) else obj
 
 
